@@ -58,6 +58,7 @@ class Divergence:
     module_type: Optional[str] = None
     inputs_matched: Optional[bool] = None
     message: str = ""
+    evidence: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -122,13 +123,17 @@ class AuditResult:
     step_divergence: list = field(default_factory=list)  # [{"step", "max_norm_diff", "tensors_differing"}]
     findings: list = field(default_factory=list)  # list[Finding]
     error: Optional[AuditError] = None
-    compared: str = "weights"  # weights (full tensors) | fingerprints (final trace entry only)
+    compared: str = "weights"  # weights (full tensors) | none (a checks-only result)
     wall_time_s: Optional[float] = None
+    kind: str = "audit"  # audit (replicas compared) | checks (findings of checkpoint/early-stopping checks only)
+    test: Optional[str] = None  # the pytest node id that produced it, when run under pytest
 
     @property
     def verdict(self) -> str:
         if self.error is not None:
             return "error"
+        if self.kind == "checks":
+            return "failed-checks" if any(f.verdict in ("fail", "error") for f in self.findings) else "pass"
         if not self.deterministic:
             return "nondeterministic"
         if any(f.verdict in ("fail", "error") for f in self.findings):
@@ -143,6 +148,9 @@ class AuditResult:
         """One line for terminal tables and assertion messages."""
         if self.error is not None:
             return f"{self.target}: error: {self.error.type}: {self.error.message}"
+        if self.kind == "checks":
+            failed = [f for f in self.findings if f.verdict in ("fail", "error")]
+            return f"{self.target}: {len(self.findings) - len(failed)} of {len(self.findings)} checks passed"
         if self.deterministic:
             return f"{self.target}: deterministic ({len(self.tensors)} tensors, {self.compared} bitwise-equal)" if self.comparison.get("mode") == "bitwise" else f"{self.target}: deterministic within {self.comparison}"
         parts = [f"{self.target}: NOT deterministic"]

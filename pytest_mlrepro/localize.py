@@ -1,0 +1,146 @@
+"""Where two replicas part: the first divergent optimizer step from their traces, then (from a
+replay of that step) the phase and module: the batch entering the model, the forward of a module
+whose inputs matched, a gradient, or the optimizer update."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .result import Divergence
+
+
+@dataclass
+class TraceDivergence:
+    entry: int
+    kind: str  # init | step | structure
+    step: int
+    tensors: list = field(default_factory=list)
+    note: str = ""
+
+
+def _entry_slices(trace: dict) -> list[tuple[str, int, int, int, int]]:
+    """(kind, step, optimizer, start, length) for every entry of a trace's flat fingerprint array."""
+    out, start = [], 0
+    for kind, step, opt in trace["entries"]:
+        n = len(trace["opt_indices"][opt])
+        out.append((kind, step, opt, start, n))
+        start += n
+    return out
+
+
+def first_divergence(ta: dict, tb: dict) -> Optional[TraceDivergence]:
+    """The first trace entry whose fingerprints differ (None when the traces are identical)."""
+    sa, sb = _entry_slices(ta), _entry_slices(tb)
+    fa, fb = ta["fp"], tb["fp"]
+    for i, (ea, eb) in enumerate(zip(sa, sb)):
+        kind, step, opt, start_a, n = ea
+        if (ea[0], ea[2], ea[4]) != (eb[0], eb[2], eb[4]) or ta["opt_indices"][opt] != tb["opt_indices"][eb[2]]:
+            return TraceDivergence(i, "structure", step, note=(
+                f"the optimizers differ at step {step}: replica 0 stepped optimizer {opt} over {n} tensors, "
+                f"the other optimizer {eb[2]} over {eb[4]}"))
+        seg_a = fa[start_a:start_a + n]
+        seg_b = fb[eb[3]:eb[3] + n]
+        if not bool((seg_a == seg_b).all()):
+            names = [ta["param_names"][ta["opt_indices"][opt][j]] for j in (seg_a != seg_b).nonzero().flatten().tolist()]
+            return TraceDivergence(i, kind, step, tensors=names)
+    if len(sa) != len(sb):
+        return TraceDivergence(min(len(sa), len(sb)), "structure", min(ta["steps"], tb["steps"]), note=(
+            f"replica 0 made {ta['steps']} optimizer steps, the other {tb['steps']}"))
+    return None
+
+
+def step_divergence(ta: dict, tb: dict, limit: int = 2000) -> list[dict]:
+    """Per step: max over parameters of |‖θ_a‖ − ‖θ_b‖| and how many fingerprints differ (for plots)."""
+    sa, sb = _entry_slices(ta), _entry_slices(tb)
+    rows = []
+    for ea, eb in zip(sa, sb):
+        if ea[0] != "step" or ea[4] != eb[4]:
+            continue
+        na, nb = ta["norm"][ea[3]:ea[3] + ea[4]], tb["norm"][eb[3]:eb[3] + eb[4]]
+        fa, fb = ta["fp"][ea[3]:ea[3] + ea[4]], tb["fp"][eb[3]:eb[3] + eb[4]]
+        diff = (na.double() - nb.double()).abs()
+        rows.append({"step": ea[1], "max_norm_diff": float(diff.max()) if diff.numel() else 0.0,
+                     "tensors_differing": int((fa != fb).sum())})
+    if len(rows) > limit:  # keep the first divergence visible: thin evenly but keep every differing onset
+        stride = -(-len(rows) // limit)
+        rows = [r for i, r in enumerate(rows) if i % stride == 0]
+    return rows
+
+
+def owner_of(trace: dict, tensor: str) -> tuple[Optional[str], Optional[str]]:
+    owner = (trace.get("param_owner") or {}).get(tensor)
+    if owner:
+        return owner[0], owner[1]
+    return None, None
+
+
+def _module_label(name: Optional[str], type_name: Optional[str]) -> str:
+    shown = name if name else "<root>"
+    return f"`{shown}` ({type_name})" if type_name else f"`{shown}`"
+
+
+def describe_init(td: TraceDivergence, trace: dict) -> Divergence:
+    tensor = td.tensors[0] if td.tensors else None
+    module, mtype = owner_of(trace, tensor) if tensor else (None, None)
+    more = f" and {len(td.tensors) - 1} more" if len(td.tensors) > 1 else ""
+    return Divergence(step=0, tensor=tensor, tensors=td.tensors, phase="init", module=module, module_type=mtype,
+                      message=f"step 0: the initial weights already differ (before any update): `{tensor}`{more}"
+                      + (f" of {_module_label(module, mtype)}" if module is not None else ""))
+
+
+def describe_from_replay(td: TraceDivergence, trace: dict, ra: Optional[dict], rb: Optional[dict]) -> Divergence:
+    """Name phase and module from the replay records of both replicas (None when no replay ran)."""
+    tensor = td.tensors[0] if td.tensors else None
+    base = Divergence(step=td.step, tensor=tensor, tensors=td.tensors)
+    lead = f"step {td.step}: `{tensor}` differs after the update" if tensor else f"step {td.step}"
+    if td.kind == "structure":
+        base.phase = "structure"
+        base.message = f"step {td.step}: {td.note}"
+        return base
+    if not ra or not rb or ra.get("step") != td.step:
+        base.message = lead + " (no replay to name the module)"
+        return base
+    calls_a, calls_b = ra["calls"], rb["calls"]
+    for i, (ca, cb) in enumerate(zip(calls_a, calls_b)):
+        if ca["name"] != cb["name"]:
+            base.phase, base.module, base.module_type = "forward", ca["name"], ca["type"]
+            base.message = (f"step {td.step}: control flow differs: module call {i} is {_module_label(ca['name'], ca['type'])} "
+                            f"in one replica and {_module_label(cb['name'], cb['type'])} in the other")
+            return base
+        if ca["out"] != cb["out"]:
+            base.module, base.module_type = ca["name"], ca["type"]
+            base.inputs_matched = ca["in"] == cb["in"]
+            label = _module_label(ca["name"], ca["type"])
+            if not base.inputs_matched:
+                base.phase = "input"
+                base.message = (f"step {td.step}: the batch entering the model differs: the inputs of {label} differ "
+                                "before any module computed anything different")
+            else:
+                base.phase = "forward"
+                rng = "; it draws random numbers" if ca.get("rng_changed") else ""
+                state = "" if ca["rng_in"] == cb["rng_in"] else " and the torch RNG state differed when it ran"
+                base.message = f"step {td.step}: forward of {label} differs; its inputs matched{rng}{state}"
+            base.evidence = {"rng_changed": ca.get("rng_changed"), "rng_matched": ca["rng_in"] == cb["rng_in"]}
+            return base
+    if len(calls_a) != len(calls_b):
+        base.phase = "forward"
+        base.message = f"step {td.step}: control flow differs: {len(calls_a)} module calls in one replica, {len(calls_b)} in the other"
+        return base
+    ga, gb = ra.get("grads"), rb.get("grads")
+    if ga and gb and ga.get("fp") is not None and gb.get("fp") is not None:
+        names = [trace["param_names"][trace["opt_indices"][ga["opt"]][j]] for j, present in enumerate(ga["present"]) if present]
+        differing = [n for n, x, y in zip(names, ga["fp"], gb["fp"]) if x != y]
+        if differing or ga["present"] != gb["present"]:
+            first = differing[0] if differing else None
+            module, mtype = owner_of(trace, first) if first else (None, None)
+            base.phase, base.tensor, base.module, base.module_type = "backward", first or tensor, module, mtype
+            base.tensors = differing or td.tensors
+            base.inputs_matched = True
+            base.message = (f"step {td.step}: gradient of `{first}` differs"
+                            + (f" (in {_module_label(module, mtype)})" if module is not None else "")
+                            + "; every forward output matched")
+            return base
+    module, mtype = owner_of(trace, tensor) if tensor else (None, None)
+    base.phase, base.module, base.module_type, base.inputs_matched = "optimizer", module, mtype, True
+    base.message = f"step {td.step}: the optimizer update of `{tensor}` differs; its forward outputs and gradients matched"
+    return base

@@ -1,0 +1,205 @@
+"""One replica: seed, trace, run the target, and write what the parent compares into a folder.
+
+Run as ``python -m pytest_mlrepro.replica SPEC OUT`` in a fresh interpreter (process isolation), or
+called in-process through :func:`run_replica`. Writes ``weights.pt`` (tensors only, loadable with
+``weights_only=True``), ``trace.pt`` and ``meta.json``; on failure ``error.json`` with the traceback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import runpy
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .targets import TargetSpec
+
+
+@dataclass
+class ReplicaSpec:
+    target: TargetSpec
+    index: int
+    seed: int
+    seeding: str
+    device: str
+    deterministic: bool
+    workdir: str
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    replay_step: Optional[int] = None
+    entropy: int = 0
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _atomic_write_bytes(path, json.dumps(obj, default=str).encode())
+
+
+class _Restore:
+    """Saves global state an in-process replica changes (RNGs, deterministic flags, argv) and puts it back."""
+
+    def __enter__(self):
+        import random
+
+        import numpy as np
+        import torch
+
+        self.py = random.getstate()
+        self.np = np.random.get_state()
+        self.torch = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        self.det = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+        self.cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+        self.argv = list(sys.argv)
+        return self
+
+    def __exit__(self, *exc):
+        import random
+
+        import numpy as np
+        import torch
+
+        random.setstate(self.py)
+        np.random.set_state(self.np)
+        torch.set_rng_state(self.torch)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+        torch.use_deterministic_algorithms(self.det[0], warn_only=self.det[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = self.cudnn
+        sys.argv = self.argv
+        return False
+
+
+def run_replica(spec: ReplicaSpec, out_dir: Path, *, in_process: bool = False) -> bool:
+    """Run one replica and write its outputs into out_dir. Returns True on success."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    Path(spec.workdir).mkdir(parents=True, exist_ok=True)
+    if in_process:
+        with _Restore():
+            return _run(spec, out_dir)
+    return _run(spec, out_dir)
+
+
+def _run(spec: ReplicaSpec, out_dir: Path) -> bool:
+    import torch
+
+    from . import environment, seeding
+    from .compare import flatten_state
+    from .context import ReplicaContext
+    from .probes import DataLoaderProbe, NondeterministicOpProbe, SeedProbe
+    from .targets import load_function, wants_ctx
+    from .trace import ReplayDone, Tracer
+
+    if spec.seeding == "harness":
+        seeding.seed_everything(spec.seed)
+    else:
+        seeding.scramble_globals(spec.entropy)
+    seeding.apply_deterministic_settings(spec.deterministic)
+    ctx = ReplicaContext(seed=spec.seed, device=spec.device, workdir=Path(spec.workdir), replica=spec.index)
+    seeds, loaders, ops = SeedProbe(), DataLoaderProbe(), NondeterministicOpProbe()
+    tracer = Tracer(replay_step=spec.replay_step)
+    returned: Any = None
+    error: Optional[dict] = None
+    start = time.perf_counter()
+    for probe in (seeds, loaders, ops, tracer):
+        probe.install()
+    try:
+        if spec.target.kind == "script":
+            sys.argv = [spec.target.path, *map(str, spec.args)]
+            try:
+                runpy.run_path(spec.target.path, run_name="__main__")
+            except SystemExit as exc:
+                if exc.code not in (None, 0):
+                    raise RuntimeError(f"script {spec.target.display} exited with status {exc.code}") from exc
+        else:
+            fn = load_function(spec.target)
+            kwargs = dict(spec.kwargs)
+            if wants_ctx(fn) and "ctx" not in kwargs:
+                kwargs["ctx"] = ctx
+            returned = fn(*spec.args, **kwargs)
+    except ReplayDone:
+        pass
+    except BaseException as exc:  # the target's failure is data for the parent, not a crash here
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        error = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
+    finally:
+        for probe in (tracer, ops, loaders, seeds):
+            probe.uninstall()
+    wall = time.perf_counter() - start
+    if error is None and spec.replay_step is None:
+        try:
+            if returned is None:
+                if tracer.steps == 0:
+                    raise ValueError(
+                        f"target {spec.target.display} returned nothing and no optimizer step was observed: "
+                        "return an nn.Module, a state dict or a dict of tensors, or train with a torch.optim optimizer"
+                    )
+                weights = tracer.final_state()
+                compared = "final_state"
+            else:
+                weights = flatten_state(returned)
+                compared = "returned"
+                if not any(isinstance(v, torch.Tensor) for v in weights.values()):
+                    raise ValueError(
+                        f"target {spec.target.display} returned {type(returned).__name__}, which holds no tensors: "
+                        "return an nn.Module, a state dict, a dict of tensors, or nothing"
+                    )
+            weights = {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in weights.items()}
+            tmp = out_dir / "weights.pt.tmp"
+            torch.save(weights, tmp)
+            os.replace(tmp, out_dir / "weights.pt")
+        except Exception as exc:
+            error = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
+            compared = None
+    else:
+        compared = None
+    trace = tracer.to_record()
+    tmp = out_dir / "trace.pt.tmp"
+    torch.save(trace, tmp)
+    os.replace(tmp, out_dir / "trace.pt")
+    meta = {
+        "index": spec.index,
+        "wall_time_s": wall,
+        "steps": tracer.steps,
+        "compared": compared,
+        "seeding": {"mode": spec.seeding, "seed": spec.seed, "calls": seeds.calls, "seeded": sorted(seeds.seeded_generators())},
+        "dataloaders": loaders.to_list(),
+        "nondeterministic_ops": ops.to_list(),
+        "metrics": ctx.metrics,
+        "environment": environment.collect(spec.device),
+    }
+    _write_json(out_dir / "meta.json", meta)
+    if error is not None:
+        _write_json(out_dir / "error.json", error)
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    spec_path, out_dir = Path(argv[0]), Path(argv[1])
+    with open(spec_path, "rb") as f:
+        spec: ReplicaSpec = pickle.load(f)
+    try:
+        ok = run_replica(spec, out_dir)
+    except BaseException:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(out_dir / "error.json", {"type": "HarnessError", "message": "the replica harness failed", "traceback": traceback.format_exc()})
+        return 3
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Per-step fingerprints of every trained parameter, from global optimizer hooks.
+
+Works on training loops nobody edited (plain loops, Lightning, Transformers, Keras on torch,
+fastai): torch's global ``register_optimizer_step_{pre,post}_hook`` fire for every optimizer. The
+fingerprint is an integer reduction over raw bits computed where the tensor lives, kept on that
+device until the replica ends (no host copy per step). In *replay* mode the tracer also records,
+for one chosen step, every module call's input/output fingerprints and every gradient, so the
+localizer can name the phase and module where two replicas part.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Any, Optional
+
+import torch
+
+from .fingerprint import fingerprint_many
+
+
+class ReplayDone(BaseException):
+    """Raised from the optimizer hook once the replayed step is recorded, to end the program early.
+
+    A BaseException so that training code catching ``Exception`` does not swallow it.
+    """
+
+
+def _leaves(obj: Any) -> list:
+    try:
+        from torch.utils._pytree import tree_leaves
+
+        leaves = tree_leaves(obj)
+    except Exception:  # exotic containers: fall back to a flat look
+        leaves = list(obj) if isinstance(obj, (list, tuple)) else [obj]
+    return [x for x in leaves if isinstance(x, torch.Tensor)]
+
+
+def _fp_of(obj: Any) -> Optional[torch.Tensor]:
+    tensors = [t.detach() for t in _leaves(obj)]
+    if not tensors:
+        return None
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        tensors = [t.cpu() for t in tensors]
+    return fingerprint_many(tensors)
+
+
+def _rng_fp() -> torch.Tensor:
+    return fingerprint_many([torch.get_rng_state()])
+
+
+class Tracer:
+    def __init__(self, *, replay_step: Optional[int] = None):
+        self.replay_step = replay_step
+        self.steps = 0
+        self.param_names: list[str] = []
+        self._param_index: dict[int, int] = {}
+        self._params: list[torch.Tensor] = []
+        self._optimizers: list = []  # weakrefs
+        self._opt_indices: list[list[int]] = []
+        self._entries: list[tuple[str, int, int]] = []  # (kind, step, optimizer index)
+        self._fps: list[torch.Tensor] = []
+        self._norms: list[torch.Tensor] = []
+        self._losses: list[Optional[torch.Tensor]] = []
+        self._pending_loss: Optional[torch.Tensor] = None
+        self._seen_modules: dict[int, torch.nn.Module] = {}
+        self.roots: list[torch.nn.Module] = []
+        self.module_names: dict[int, str] = {}
+        self.rng_at_first_step: Optional[dict] = None
+        self._handles: list = []
+        self._naming_handle = None
+        self._orig_backward = None
+        # replay state
+        self._replay_active = replay_step == 0
+        self._call_stack: list[tuple] = []
+        self._calls: list[dict] = []
+        self._grads: Optional[dict] = None
+        self.replay_completed = False
+
+    # -- installation ---------------------------------------------------------------------------
+    def install(self) -> "Tracer":
+        from torch.nn.modules import module as nn_module
+        from torch.optim import optimizer as optim_module
+
+        self._handles.append(optim_module.register_optimizer_step_pre_hook(self._pre_step))
+        self._handles.append(optim_module.register_optimizer_step_post_hook(self._post_step))
+        self._naming_handle = nn_module.register_module_forward_pre_hook(self._note_module)
+        if self.replay_step is not None:
+            self._handles.append(nn_module.register_module_forward_pre_hook(self._replay_pre_forward))
+            self._handles.append(nn_module.register_module_forward_hook(self._replay_post_forward))
+        tracer = self
+        self._orig_backward = original = torch.Tensor.backward
+
+        def backward(tensor, *args, **kwargs):
+            if tensor.numel() == 1:
+                tracer._pending_loss = tensor.detach().reshape(()).clone()
+            return original(tensor, *args, **kwargs)
+
+        torch.Tensor.backward = backward  # type: ignore[method-assign]
+        return self
+
+    def uninstall(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self._naming_handle is not None:
+            self._naming_handle.remove()
+            self._naming_handle = None
+        if self._orig_backward is not None:
+            torch.Tensor.backward = self._orig_backward  # type: ignore[method-assign]
+            self._orig_backward = None
+
+    # -- naming ---------------------------------------------------------------------------------
+    def _note_module(self, module, args):
+        self._seen_modules.setdefault(id(module), module)
+
+    def _name_modules(self) -> None:
+        """Find root modules among those called so far and name every module and parameter from them."""
+        seen = list(self._seen_modules.values())
+        children: set[int] = set()
+        for m in seen:
+            for sub in m.modules():
+                if sub is not m:
+                    children.add(id(sub))
+        new_roots = [m for m in seen if id(m) not in children and all(m is not r for r in self.roots)]
+        self.roots.extend(new_roots)
+        for i, root in enumerate(self.roots):
+            prefix = self._root_prefix(i)
+            for name, sub in root.named_modules():
+                self.module_names.setdefault(id(sub), (prefix + name).rstrip(".") or "")
+            for name, p in root.named_parameters(remove_duplicate=False):
+                idx = self._param_index.get(id(p))
+                if idx is not None and self.param_names[idx].startswith("<"):
+                    self.param_names[idx] = prefix + name
+        self._param_owner = {}
+        for i, root in enumerate(self.roots):
+            prefix = self._root_prefix(i)
+            for mname, sub in root.named_modules():
+                for pname, p in sub.named_parameters(recurse=False):
+                    self._param_owner.setdefault(id(p), ((prefix + mname).rstrip("."), type(sub).__name__))
+
+    def _root_prefix(self, i: int) -> str:
+        """Name prefix for root i: none when it is the only root holding parameters (a loss module
+        called on its own is a root too, but must not rename the model's parameters)."""
+        root = self.roots[i]
+        holders = [r for r in self.roots if next(r.parameters(), None) is not None]
+        if next(root.parameters(), None) is None:
+            return f"{type(root).__name__}."
+        if len(holders) <= 1:
+            return ""
+        return f"{type(root).__name__}[{holders.index(root)}]."
+
+    def _register_optimizer(self, optimizer) -> int:
+        for i, ref in enumerate(self._optimizers):
+            if ref() is optimizer:
+                return i
+        opt_idx = len(self._optimizers)
+        self._optimizers.append(weakref.ref(optimizer))
+        indices = []
+        for g, group in enumerate(optimizer.param_groups):
+            for j, p in enumerate(group["params"]):
+                if id(p) not in self._param_index:
+                    self._param_index[id(p)] = len(self._params)
+                    self._params.append(p)
+                    self.param_names.append(f"<optimizer{opt_idx}.group{g}.param{j}>")
+                indices.append(self._param_index[id(p)])
+        self._opt_indices.append(indices)
+        self._name_modules()
+        self._record("init", opt_idx)
+        return opt_idx
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _record(self, kind: str, opt_idx: int) -> None:
+        params = [self._params[i].detach() for i in self._opt_indices[opt_idx]]
+        with torch.no_grad():
+            self._fps.append(fingerprint_many(params))
+            norms = torch._foreach_norm(params)
+            if len({n.dtype for n in norms}) > 1:
+                norms = [n.float() for n in norms]
+            self._norms.append(torch.stack(norms).float())
+        self._entries.append((kind, self.steps, opt_idx))
+
+    def _pre_step(self, optimizer, args, kwargs):
+        if self.rng_at_first_step is None:
+            from .probes import rng_fingerprints
+
+            self.rng_at_first_step = rng_fingerprints()
+        opt_idx = self._register_optimizer(optimizer)
+        if self._naming_handle is not None and self.replay_step is None:
+            self._naming_handle.remove()  # naming only needs the modules called before the first step
+            self._naming_handle = None
+        if self.replay_step == self.steps:
+            with torch.no_grad():
+                grads = [p.grad for p in (self._params[i] for i in self._opt_indices[opt_idx])]
+                self._grads = {
+                    "opt": opt_idx,
+                    "present": [g is not None for g in grads],
+                    "fp": fingerprint_many([g.detach() for g in grads if g is not None]) if any(g is not None for g in grads) else None,
+                }
+
+    def _post_step(self, optimizer, args, kwargs):
+        opt_idx = self._register_optimizer(optimizer)
+        self._losses.append(self._pending_loss)
+        self._pending_loss = None
+        self._record("step", opt_idx)
+        self.steps += 1
+        if self.replay_step is not None:
+            if self.steps == self.replay_step:
+                self._replay_active = True
+            elif self.steps == self.replay_step + 1:
+                self._replay_active = False
+                self.replay_completed = True
+                raise ReplayDone()
+
+    def _replay_pre_forward(self, module, args):
+        if self._replay_active:
+            self._seen_modules.setdefault(id(module), module)
+            self._call_stack.append((module, _fp_of(args), _rng_fp()))
+
+    def _replay_post_forward(self, module, args, output):
+        if self._replay_active and self._call_stack and self._call_stack[-1][0] is module:
+            _, in_fp, rng_in = self._call_stack.pop()
+            rng_out = _rng_fp()
+            self._calls.append({"module": module, "in": in_fp, "out": _fp_of(output), "rng_in": rng_in, "rng_out": rng_out})
+
+    # -- results --------------------------------------------------------------------------------
+    def final_state(self) -> dict:
+        """Weights to compare when the target returned nothing: the root module's state, else the params."""
+        if len(self.roots) == 1:
+            return {k: v.detach() for k, v in self.roots[0].state_dict().items()}
+        if self.roots:
+            out = {}
+            for i, root in enumerate(self.roots):
+                for k, v in root.state_dict().items():
+                    out[self._root_prefix(i) + k] = v.detach()
+            return out
+        return {name: p.detach() for name, p in zip(self.param_names, self._params)}
+
+    def to_record(self) -> dict:
+        """Everything on the host, as plain Python and CPU tensors, for the parent to compare."""
+        if self._seen_modules and (not self.module_names or self.replay_step is not None):
+            self._name_modules()
+        owner = getattr(self, "_param_owner", {})
+        fps = torch.cat(self._fps).cpu() if self._fps else torch.zeros(0, dtype=torch.int64)
+        norms = torch.cat(self._norms).cpu() if self._norms else torch.zeros(0)
+        losses = [None if l is None else float(l.float().cpu()) for l in self._losses]
+        record = {
+            "param_names": list(self.param_names),
+            "param_owner": {self.param_names[i]: owner.get(id(p)) for i, p in enumerate(self._params)},
+            "opt_indices": self._opt_indices,
+            "entries": self._entries,
+            "fp": fps,
+            "norm": norms,
+            "losses": losses,
+            "steps": self.steps,
+            "rng_at_first_step": self.rng_at_first_step,
+            "replay": None,
+        }
+        if self.replay_step is not None:
+            calls = []
+            for c in self._calls:
+                m = c["module"]
+                calls.append({
+                    "name": self.module_names.get(id(m), f"<unnamed {type(m).__name__}>"),
+                    "type": type(m).__name__,
+                    "in": None if c["in"] is None else c["in"].cpu().tolist(),
+                    "out": None if c["out"] is None else c["out"].cpu().tolist(),
+                    "rng_in": int(c["rng_in"].cpu()[0]),
+                    "rng_changed": bool((c["rng_in"] != c["rng_out"]).any()),
+                })
+            grads = None
+            if self._grads is not None:
+                grads = {"opt": self._grads["opt"], "present": self._grads["present"],
+                         "fp": None if self._grads["fp"] is None else self._grads["fp"].cpu().tolist()}
+            record["replay"] = {"step": self.replay_step, "completed": self.replay_completed, "calls": calls, "grads": grads}
+        return record
