@@ -1,0 +1,1 @@
+"""Helpers shared by the test suites: sample results and a reader for offline W&B runs."""

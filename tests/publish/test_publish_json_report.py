@@ -1,0 +1,155 @@
+"""The JSON report: versioned envelope, validation, atomic writes, and the documented schema."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from pytest_mlrepro.publish import PublishError, build_report, read_report, validate_report, write_report
+from pytest_mlrepro.result import AuditResult
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "report-schema.md"
+SESSION = {"id": "s-1", "command": "pytest --mlrepro", "rootdir": "/repo", "seed": 3, "options": {"runs": 2},
+           "git": {"sha": "a" * 40, "dirty": False}}
+
+
+@pytest.fixture
+def results(sample_results):
+    return [sample_results[k] for k in ("deterministic", "nondeterministic", "checkpoint", "error", "checks")]
+
+
+def test_envelope_counts_and_audits(results):
+    doc = build_report(results, SESSION)
+    assert (doc["schema"], doc["version"]) == ("pytest-mlrepro/report", 1)
+    assert doc["session"]["counts"] == {"deterministic": 1, "pass": 1, "nondeterministic": 1, "failed-checks": 1,
+                                        "error": 1, "total": 5}
+    assert doc["session"]["ok"] is False
+    assert doc["session"]["id"] == "s-1" and doc["session"]["options"] == {"runs": 2}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", doc["session"]["created_at"])
+    assert doc["audits"] == [r.to_dict() for r in results]
+    assert [a["verdict"] for a in doc["audits"]] == ["deterministic", "nondeterministic", "failed-checks", "error", "pass"]
+    assert [a["kind"] for a in doc["audits"]] == ["audit"] * 4 + ["checks"]
+    assert validate_report(doc) == []
+    assert build_report([results[0], results[4]], SESSION)["session"]["ok"] is True  # deterministic + passing checks
+
+
+def test_computed_session_keys_win_over_caller_keys(results):
+    doc = build_report(results[:1], {"ok": "yes", "counts": None})
+    assert doc["session"]["ok"] is True and doc["session"]["counts"]["total"] == 1
+
+
+def test_written_report_reads_back_into_equal_results(tmp_path, results):
+    path = write_report(tmp_path / "report.json", build_report(results, SESSION))
+    doc = read_report(path)
+    back = [AuditResult.from_dict(a) for a in doc["audits"]]
+    assert [b.to_dict() for b in back] == [r.to_dict() for r in results]
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temp file left behind
+
+
+def test_non_finite_floats_are_strings_and_the_file_is_strict_json(tmp_path, sample_results):
+    r = AuditResult.from_dict(sample_results["nondeterministic"].to_dict())
+    r.tensors[0].max_abs_diff = float("nan")
+    r.step_divergence[5]["max_norm_diff"] = float("inf")
+    path = write_report(tmp_path / "r.json", build_report([r], SESSION))
+    doc = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert doc["audits"][0]["tensors"][0]["max_abs_diff"] == "nan"
+    assert doc["audits"][0]["step_divergence"][5]["max_norm_diff"] == "inf"
+    assert validate_report(doc) == []
+
+
+def test_missing_folder_is_a_clear_error_and_nothing_is_written(tmp_path, results):
+    target = tmp_path / "no" / "such" / "report.json"
+    with pytest.raises(PublishError, match=r"its folder .*no/such does not exist"):
+        write_report(target, build_report(results, SESSION))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_as_report_path_is_refused(tmp_path, results):
+    with pytest.raises(PublishError, match="is a folder"):
+        write_report(tmp_path, build_report(results, SESSION))
+
+
+def test_a_failed_write_keeps_the_previous_report(tmp_path, results):
+    path = write_report(tmp_path / "report.json", build_report(results, SESSION))
+    before = path.read_bytes()
+    with pytest.raises(PublishError, match="not valid JSON"):
+        write_report(path, {"schema": "pytest-mlrepro/report", "bad": {1, 2}})
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_build_refuses_what_is_not_an_audit_result(results):
+    with pytest.raises(PublishError, match="report entry 1 is a dict"):
+        build_report([results[0], results[1].to_dict()], SESSION)
+
+
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (lambda d: d.update(version=2), "version: expected 1, got 2"),
+        (lambda d: d["session"].pop("ok"), "session.ok: missing"),
+        (lambda d: d["session"]["counts"].update(error="1"), "session.counts.error: expected int, got str"),
+        (lambda d: d["audits"][1]["first_divergence"].update(step="3"), "audits[1].first_divergence.step: expected int"),
+        (lambda d: d["audits"][2]["findings"][0].update(verdict="ok"), "audits[2].findings[0].verdict: 'ok' is not one of"),
+        (lambda d: d["audits"][0].update(verdict="flaky"), "audits[0].verdict: 'flaky' is not one of"),
+        (lambda d: d["audits"][3]["error"].pop("type"), "audits[3].error.type: missing"),
+        (lambda d: d["audits"][1]["tensors"][0].update(max_ulp=1.5), "audits[1].tensors[0].max_ulp: expected int"),
+        (lambda d: d["outputs"]["wandb_runs"].append({"target": "t"}), "outputs.wandb_runs[0].run_id: missing"),
+        (lambda d: d["audits"][0].update(deterministic=1), "audits[0].deterministic: expected bool, got int"),
+        (lambda d: d["audits"][4].update(kind="check"), "audits[4].kind: 'check' is not one of"),
+    ],
+)
+def test_validation_names_the_field(results, edit, problem):
+    doc = build_report(results, SESSION)
+    edit(doc)
+    problems = validate_report(doc)
+    assert any(problem in p for p in problems), problems
+
+
+def test_read_report_names_the_file(tmp_path):
+    p = tmp_path / "old.json"
+    p.write_text(json.dumps({"schema": "pytest-mlrepro/report", "version": 0}))
+    with pytest.raises(PublishError, match=rf"report {re.escape(str(p))} does not follow .*version: expected 1"):
+        read_report(p)
+
+
+# --- the documentation and the documents agree -------------------------------------------------
+
+
+def documented_fields() -> dict:
+    """``path -> type`` from docs/report-schema.md's tables."""
+    fields = {}
+    for line in DOC.read_text().splitlines():
+        m = re.match(r"\| `([^`]+)` \| ([^|]+) \|", line)
+        if m:
+            fields[m.group(1)] = m.group(2).strip()
+    return fields
+
+
+def actual_paths(value, prefix: str, open_paths: set, out: set) -> set:
+    """Dotted paths of every key in ``value`` (list elements as ``[]``), not descending into open objects."""
+    if not prefix.endswith("[]"):
+        out.add(prefix)
+    if prefix in open_paths:
+        return out
+    if isinstance(value, dict):
+        for k, v in value.items():
+            actual_paths(v, f"{prefix}.{k}" if prefix else k, open_paths, out)
+    elif isinstance(value, list):
+        for v in value:
+            if isinstance(v, (dict, list)):
+                actual_paths(v, f"{prefix}[]", open_paths, out)
+    return out
+
+
+def test_every_field_is_documented_and_every_documented_field_exists(published):
+    doc_fields = documented_fields()
+    assert len(doc_fields) > 80
+    open_paths = {p for p, t in doc_fields.items() if "open object" in t}
+    report = published.report
+    assert validate_report(report) == []
+    paths = actual_paths(report, "", open_paths, set()) - {""}
+    assert paths - set(doc_fields) == set(), "fields missing from docs/report-schema.md"
+    assert set(doc_fields) - paths == set(), "documented fields the published report lacks"
