@@ -71,14 +71,21 @@ def audit(
     diagnose: bool = True,
     workdir: Optional[Union[str, os.PathLike]] = None,
     rootdir: Optional[Union[str, os.PathLike]] = None,
+    checkpoint: Optional[Any] = None,
 ) -> AuditResult:
     """Run ``target`` ``runs`` times with the same seed and compare the final weights.
 
     ``seeding`` defaults to "harness" for functions and "program" for scripts. ``workdir`` holds each
     replica's outputs and working folder; when not given a temporary folder is used and removed.
+    ``checkpoint`` (a ``CheckpointSpec`` or dict: path, evaluate, model_factory, tolerance) adds the
+    best-checkpoint checks: reload + re-evaluate replica 0's best, and the same best in every replica.
     Bad arguments raise; a failing target gives a result whose ``error`` says why.
     """
     _validate(runs, isolation, seeding, mode, atol, rtol, max_ulp, timeout, seed)
+    if checkpoint is not None:
+        from .checkpoint_audit import CheckpointSpec
+
+        checkpoint = CheckpointSpec.coerce(checkpoint)
     spec = resolve(target, rootdir=rootdir)
     if spec.kind == "callable" and isolation == "process":
         raise TargetError(
@@ -95,9 +102,15 @@ def audit(
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
-        _Audit(spec, result, root, args=tuple(args), kwargs=dict(kwargs or {}), device=device, seeding=seeding,
-               deterministic=deterministic, timeout=timeout, isolation=isolation).execute(
-            localize_divergence=localize_divergence, diagnose=diagnose)
+        run = _Audit(spec, result, root, args=tuple(args), kwargs=dict(kwargs or {}), device=device, seeding=seeding,
+                     deterministic=deterministic, timeout=timeout, isolation=isolation)
+        run.execute(localize_divergence=localize_divergence, diagnose=diagnose)
+        if checkpoint is not None and result.error is None:
+            from .checkpoint_audit import check_audit_checkpoint
+
+            result.findings.extend(check_audit_checkpoint(
+                checkpoint, [root / f"replica-{i}" / "work" for i in range(runs)],
+                rootdir=Path(rootdir) if rootdir else Path.cwd(), deterministic=deterministic, timeout=timeout))
     finally:
         result.wall_time_s = time.perf_counter() - started
         if owned:

@@ -152,7 +152,11 @@ class AuditResult:
             failed = [f for f in self.findings if f.verdict in ("fail", "error")]
             return f"{self.target}: {len(self.findings) - len(failed)} of {len(self.findings)} checks passed"
         if self.deterministic:
-            return f"{self.target}: deterministic ({len(self.tensors)} tensors, {self.compared} bitwise-equal)" if self.comparison.get("mode") == "bitwise" else f"{self.target}: deterministic within {self.comparison}"
+            failed = [f for f in self.findings if f.verdict in ("fail", "error")]
+            checks = f"; {len(failed)} of {len(self.findings)} checks FAILED" if failed else ""
+            if self.comparison.get("mode") == "bitwise":
+                return f"{self.target}: deterministic ({len(self.tensors)} tensors, {self.compared} bitwise-equal){checks}"
+            return f"{self.target}: deterministic within {self.comparison}{checks}"
         parts = [f"{self.target}: NOT deterministic"]
         if self.first_divergence is not None:
             parts.append(self.first_divergence.message or f"first divergence at step {self.first_divergence.step}, tensor {self.first_divergence.tensor}")
