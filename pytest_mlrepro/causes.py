@@ -67,10 +67,13 @@ def infer(ma: dict, mb: dict, divergence: Optional[Divergence], env_diff: dict, 
     kernel = phase in ("forward", "backward") and divergence is not None and divergence.inputs_matched
     rng_matched = divergence.evidence.get("rng_matched", True) if divergence else True
     if kernel and rng_matched:
+        flagged = [f"{op['op']} at {op['call_site']}" for op in ma.get("nondeterministic_ops", [])]
+        seen = f"; torch flagged: {'; '.join(flagged[:3])}" if flagged else ""
         return Cause("nondeterministic_kernel",
                      f"{divergence.message.split(': ', 1)[-1]}; the same inputs and the same RNG state gave different "
                      "results, so the computation itself is nondeterministic (atomics, thread timing, a kernel without "
-                     "a deterministic implementation)", {"module": divergence.module, "phase": phase})
+                     f"a deterministic implementation){seen}", {"module": divergence.module, "phase": phase,
+                                                               "flagged_ops": flagged})
     seeded = set(ma["seeding"].get("seeded", []))
     differing = []
     if rng_a and rng_b:

@@ -18,7 +18,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 def call_site(skip_prefixes: tuple = ()) -> str:
     """file:line of the first frame outside pytest-mlrepro, torch, numpy and the stdlib random module."""
     frame = sys._getframe(1)
-    skip = (_HERE, os.path.dirname(random.__file__) + os.sep + "random.py", *skip_prefixes)
+    skip = (_HERE, random.__file__, warnings.__file__, *skip_prefixes)
     while frame is not None:
         fname = frame.f_code.co_filename
         if not fname.startswith(skip) and "/torch/" not in fname and "/numpy/" not in fname and not fname.startswith("<"):

@@ -50,3 +50,14 @@ def test_catalog_covers_the_required_cases():
     assert {"mlp_dropout", "small_cnn", "dataloader_workers"} <= names
     assert {"unseeded_rng", "time_seed", "worker_seeding", "nondeterministic_kernel", "hash_seed"} <= causes
     assert any(e.get("requires") == "cuda" and not e["deterministic"] for e in ENTRIES)
+
+
+def test_the_warn_only_pass_inventories_flagged_ops_with_their_call_site(tmp_path):
+    result = audit("fixtures/nondeterministic_cpu_kernel.py:train", device="cpu", workdir=tmp_path, rootdir=ROOT)
+    ops = {op.op: op for op in result.nondeterministic_ops}
+    assert list(ops) == ["ChunkedMix.forward (reduction order varies per call)"], ops
+    op = ops["ChunkedMix.forward (reduction order varies per call)"]
+    assert op.call_site.startswith(str(ROOT / "fixtures" / "nondeterministic_cpu_kernel.py") + ":") and op.count >= 1
+    assert "torch flagged: ChunkedMix.forward" in result.cause.detail
+    clean = audit("fixtures/mlp_dropout.py:train", device="cpu", workdir=tmp_path / "clean", rootdir=ROOT)
+    assert clean.nondeterministic_ops == []
