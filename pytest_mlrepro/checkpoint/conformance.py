@@ -194,6 +194,12 @@ def probe_direction(make_driver: Callable[[], CallbackDriver]) -> str:
         return "max"
     if improves_throughout(o_dec) and rejects(o_inc):
         return "min"
+    # checkpoint-only callbacks never stop: the run whose best moved to the last epoch names the direction
+    if o_inc.stop_epoch is None and o_dec.stop_epoch is None:
+        if o_inc.best_epoch == last and o_dec.best_epoch == first:
+            return "max"
+        if o_dec.best_epoch == last and o_inc.best_epoch == first:
+            return "min"
     # drivers that expose only part of the outcome: fall back on who stopped early
     if o_inc.stop_epoch is None and o_dec.stop_epoch is not None:
         return "max"

@@ -1,5 +1,6 @@
 """The conformance and comparator checks pass the reference callbacks and catch broken ones."""
 import math
+import pytest
 
 from pytest_mlrepro.checkpoint.conformance import (
     ReferenceEarlyStoppingDriver,
@@ -121,3 +122,28 @@ def test_comparator_uses_declared_mode_over_table():
     assert check_comparator(always_min, monitor="val_acc", declared_mode="min").verdict == "pass"
     unknown = check_comparator(always_min, monitor="my_score")
     assert unknown.verdict == "error" and "mode='min' or mode='max'" in unknown.message
+
+
+class _CheckpointOnlyDriver:
+    """Our BestCheckpoint with no early stopping: it never stops, so only its best epoch tells the direction."""
+
+    def __init__(self, mode, dirpath, n):
+        import torch
+
+        from pytest_mlrepro.checkpoint.callbacks import BestCheckpoint
+
+        self.name, self.spec = "checkpoint-only", StopSpec(mode, 0)
+        self._model = torch.nn.Linear(1, 1)
+        self._ckpt = BestCheckpoint("score", mode=mode, dirpath=dirpath, filename=f"best-{n}.pt", write_history=False,
+                                    fsync=False)
+
+    def run(self, values) -> Outcome:
+        for epoch, v in enumerate(values):
+            self._ckpt.on_epoch_end(epoch, {"score": v}, self._model)
+        return Outcome(len(values), None, self._ckpt.best_epoch, None, ())
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_probe_direction_of_a_callback_that_never_stops(mode, tmp_path):
+    counter = iter(range(100))
+    assert probe_direction(lambda: _CheckpointOnlyDriver(mode, tmp_path, next(counter))) == mode
