@@ -72,6 +72,7 @@ def audit(
     workdir: Optional[Union[str, os.PathLike]] = None,
     rootdir: Optional[Union[str, os.PathLike]] = None,
     checkpoint: Optional[Any] = None,
+    cwd: str = "replica",
 ) -> AuditResult:
     """Run ``target`` ``runs`` times with the same seed and compare the final weights.
 
@@ -79,9 +80,14 @@ def audit(
     replica's outputs and working folder; when not given a temporary folder is used and removed.
     ``checkpoint`` (a ``CheckpointSpec`` or dict: path, evaluate, model_factory, tolerance) adds the
     best-checkpoint checks: reload + re-evaluate replica 0's best, and the same best in every replica.
+    ``cwd``: "replica" runs each replica in its own private folder (``ctx.workdir``; nothing lands in
+    your tree and replicas cannot overwrite each other's files), "rootdir" in ``rootdir`` (for
+    programs that read data through relative paths; they must not write there in ways that collide).
     Bad arguments raise; a failing target gives a result whose ``error`` says why.
     """
     _validate(runs, isolation, seeding, mode, atol, rtol, max_ulp, timeout, seed)
+    if cwd not in ("replica", "rootdir"):
+        raise ValueError(f"cwd must be 'replica' or 'rootdir', got {cwd!r}")
     if checkpoint is not None:
         from .checkpoint_audit import CheckpointSpec
 
@@ -103,7 +109,8 @@ def audit(
     started = time.perf_counter()
     try:
         run = _Audit(spec, result, root, args=tuple(args), kwargs=dict(kwargs or {}), device=device, seeding=seeding,
-                     deterministic=deterministic, timeout=timeout, isolation=isolation)
+                     deterministic=deterministic, timeout=timeout, isolation=isolation,
+                     cwd=str(Path(rootdir or Path.cwd()).resolve()) if cwd == "rootdir" else None)
         run.execute(localize_divergence=localize_divergence, diagnose=diagnose)
         if checkpoint is not None and result.error is None:
             from .checkpoint_audit import check_audit_checkpoint
@@ -122,7 +129,8 @@ class _Audit:
     """One audit's run: replicas, comparison, localization, diagnosis."""
 
     def __init__(self, spec: TargetSpec, result: AuditResult, root: Path, *, args, kwargs, device, seeding,
-                 deterministic, timeout, isolation):
+                 deterministic, timeout, isolation, cwd=None):
+        self.cwd = cwd
         self.spec, self.result, self.root = spec, result, root
         self.args, self.kwargs, self.device, self.seeding = args, kwargs, device, seeding
         self.deterministic, self.timeout, self.isolation = deterministic, timeout, isolation
@@ -137,7 +145,7 @@ class _Audit:
         folder = self.root / f"{label}-{index}"
         spec = ReplicaSpec(target=self.spec, index=index, seed=self.result.seed, seeding=self.seeding, device=self.device,
                            deterministic=self.deterministic, workdir=str(folder / "work"), args=self.args,
-                           kwargs=self.kwargs, replay_step=replay_step,
+                           kwargs=self.kwargs, replay_step=replay_step, cwd=self.cwd,
                            entropy=replica_entropy(self.result.seed, index))
         return run(spec, folder / "out", isolation=self.isolation, timeout=self.timeout,
                    hash_seed=hash_seed if hash_seed is not None else self._hash_seed(index))

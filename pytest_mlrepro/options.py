@@ -70,7 +70,7 @@ OPTIONS: dict[str, tuple[Callable[[Any], Any], Any, str]] = {
 }
 
 MARKER_KEYS = ("seed", "device", "isolation", "timeout", "runs", "deterministic")
-AUDIT_KEYWORDS = ("args", "kwargs", "seeding", "mode", "atol", "rtol", "max_ulp", "checkpoint")
+AUDIT_KEYWORDS = ("args", "kwargs", "seeding", "mode", "atol", "rtol", "max_ulp", "checkpoint", "cwd")
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ class ReplicaSpec:
     kwargs: dict = field(default_factory=dict)
     replay_step: Optional[int] = None
     entropy: int = 0
+    cwd: Optional[str] = None  # working directory of the replica; None: its private workdir
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -61,6 +62,7 @@ class _Restore:
         self.det = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
         self.cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
         self.argv = list(sys.argv)
+        self.cwd = os.getcwd()
         return self
 
     def __exit__(self, *exc):
@@ -77,6 +79,7 @@ class _Restore:
         torch.use_deterministic_algorithms(self.det[0], warn_only=self.det[1])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = self.cudnn
         sys.argv = self.argv
+        os.chdir(self.cwd)
         return False
 
 
@@ -87,6 +90,7 @@ def run_replica(spec: ReplicaSpec, out_dir: Path, *, in_process: bool = False) -
     Path(spec.workdir).mkdir(parents=True, exist_ok=True)
     if in_process:
         with _Restore():
+            os.chdir(spec.cwd or spec.workdir)
             return _run(spec, out_dir)
     return _run(spec, out_dir)
 

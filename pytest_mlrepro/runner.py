@@ -31,7 +31,7 @@ class ReplicaOutput:
     def trace(self) -> dict:
         import torch
 
-        return torch.load(self.out_dir / "trace.pt", weights_only=False)  # written by our own replica
+        return torch.load(self.out_dir / "trace.pt", weights_only=True)
 
     def weights(self) -> dict:
         import torch
@@ -106,7 +106,7 @@ def _run_subprocess(spec: ReplicaSpec, out_dir: Path, timeout: Optional[float], 
     cmd = [sys.executable, "-m", "pytest_mlrepro.replica", str(spec_path), str(out_dir)]
     with open(out_dir / "stdout.txt", "wb") as out, open(out_dir / "stderr.txt", "wb") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
-                                cwd=spec.workdir, start_new_session=True)
+                                cwd=spec.cwd or spec.workdir, start_new_session=True)
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -154,3 +154,21 @@ def test_result_round_trips_through_json(tmp_path):
     back = AuditResult.from_dict(d)
     assert back.first_divergence.step == 1 and back.cause.kind == result.cause.kind
     assert back.to_dict() == d
+
+
+@pytest.mark.parametrize("isolation", ["process", "inprocess"])
+def test_cwd_is_the_private_workdir_by_default_and_rootdir_on_request(tmp_path, isolation):
+    import os
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "data.txt").write_text("2.0")
+    before = os.getcwd()
+    isolated = audit(f"{TINY}:reads_relative_data", workdir=tmp_path / "a", rootdir=project, isolation=isolation)
+    assert isolated.verdict == "error" and "data.txt" in isolated.error.message
+    rooted = audit(f"{TINY}:reads_relative_data", workdir=tmp_path / "b", rootdir=project, isolation=isolation,
+                   cwd="rootdir")
+    assert rooted.deterministic, rooted.explain()
+    assert os.getcwd() == before
+    with pytest.raises(ValueError, match="cwd must be"):
+        audit(f"{TINY}:train", cwd="here")

@@ -75,3 +75,14 @@ def hangs(ctx):
 
 
 NOT_CALLABLE = 3
+
+
+def reads_relative_data(ctx):
+    """Reads `data.txt` relative to the working directory, as many training scripts do."""
+    from pathlib import Path
+
+    scale = float(Path("data.txt").read_text())
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.mul_(scale)
+    return _fit(model, torch.randn(4, 2), torch.randn(4, 1), ctx)
