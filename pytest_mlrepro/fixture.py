@@ -6,7 +6,7 @@ attached to the test's report (a section and JUnit properties).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from .options import AUDIT_KEYWORDS, MARKER_KEYS, MlreproOptions
 

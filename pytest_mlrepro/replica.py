@@ -36,14 +36,10 @@ class ReplicaSpec:
     cwd: Optional[str] = None  # working directory of the replica; None: its private workdir
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, json.dumps(obj, default=str).encode())
+    from .atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, default=str), fsync=False)
 
 
 class _Restore:

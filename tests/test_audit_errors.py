@@ -158,7 +158,6 @@ def test_result_round_trips_through_json(tmp_path):
 
 @pytest.mark.parametrize("isolation", ["process", "inprocess"])
 def test_cwd_is_the_private_workdir_by_default_and_rootdir_on_request(tmp_path, isolation):
-    import os
 
     project = tmp_path / "project"
     project.mkdir()

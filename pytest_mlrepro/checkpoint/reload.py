@@ -35,35 +35,18 @@ HISTORY = "best_checkpoint.history"
 
 
 def resolve_callable(ref):
-    """Return the callable named by ``"module:qualname"`` or ``"path.py:qualname"`` (or ``ref`` itself)."""
+    """Return the callable named by ``"module:qualname"`` or ``"path.py:qualname"`` (or ``ref`` itself).
+
+    Resolution and import are the audit's own (``pytest_mlrepro.targets``), so a reference means
+    the same thing to a reload check as to an audit.
+    """
     if callable(ref):
         return ref
     if not isinstance(ref, str) or ":" not in ref:
         raise ValueError(f"expected a callable or 'module:function' / 'file.py:function', got {ref!r}")
-    left, _, qualname = ref.rpartition(":")
-    if left.endswith(".py") or os.sep in left or "/" in left:
-        path = Path(left).resolve()
-        if not path.is_file():
-            raise FileNotFoundError(f"{ref!r}: file {path} does not exist")
-        name = f"_mlrepro_target_{abs(hash(str(path)))}"
-        if name in sys.modules:
-            module = sys.modules[name]
-        else:
-            spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(left)
-    obj = module
-    for part in qualname.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise AttributeError(f"{ref!r}: {module.__name__} has no attribute {qualname!r}") from None
-    if not callable(obj):
-        raise TypeError(f"{ref!r} is not callable")
-    return obj
+    from pytest_mlrepro.targets import load_function, resolve
+
+    return load_function(resolve(ref))
 
 
 def callable_reference(fn) -> str | None:

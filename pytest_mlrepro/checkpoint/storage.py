@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import platform
-import tempfile
 import zipfile
 from pathlib import Path
+
+from pytest_mlrepro.atomic import atomic_write, atomic_write_bytes as _atomic_write_bytes
 
 __all__ = [
     "FORMAT",
@@ -91,49 +91,12 @@ def weights_sha256(state_dict) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def atomic_write_bytes(path, data: bytes, *, fsync: bool = True) -> int:
+    return _atomic_write_bytes(path, data, fsync=fsync, make_parents=True)
 
 
 def _atomic_write(path: Path, write, *, fsync: bool = True) -> int:
-    """Write through ``write(tmp_path)`` to a temp file beside ``path``, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        if fsync:
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-        size = os.path.getsize(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    if fsync:
-        _fsync_dir(path.parent)
-    return size
-
-
-def atomic_write_bytes(path, data: bytes, *, fsync: bool = True) -> int:
-    def write(tmp):
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-
-    return _atomic_write(Path(path), write, fsync=fsync)
+    return atomic_write(path, write, fsync=fsync, make_parents=True)
 
 
 def atomic_write_json(path, obj, *, fsync: bool = True) -> int:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from ..atomic import atomic_write_text
 from typing import Any, Iterable, Optional
 
 from ..result import SCHEMA_NAME as AUDIT_SCHEMA_NAME
@@ -106,21 +107,10 @@ def write_report(path, report: dict) -> Path:
         text = json.dumps(report, indent=2, sort_keys=False, allow_nan=False) + "\n"
     except (TypeError, ValueError) as e:
         raise PublishError(f"the report for {path} is not valid JSON: {e}") from e
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise PublishError(f"cannot write the report {path}: {e}") from e
-        raise
+        atomic_write_text(path, text)
+    except OSError as e:
+        raise PublishError(f"cannot write the report {path}: {e}") from e
     return path
 
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
+
+from ..atomic import atomic_write
 from typing import Optional
 
 from .config import PublishError
@@ -50,19 +50,10 @@ def _save(fig, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise PublishError(f"cannot write the plot {path}: {e}") from e
-        raise
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100), fsync=False)
+    except OSError as e:
+        raise PublishError(f"cannot write the plot {path}: {e}") from e
     return path
 
 

@@ -8,12 +8,12 @@ The spec is data, not pickled objects, so it survives package upgrades and can b
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import threading
 import warnings
 from pathlib import Path
+
+from ..atomic import atomic_write_text
 from typing import Optional
 
 from ..result import _jsonable
@@ -71,18 +71,7 @@ def save_spec(spec: dict, path) -> Path:
     path = Path(path)
     if not path.parent.is_dir():
         raise PublishError(f"cannot save the W&B report spec {path}: folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(spec, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write_text(path, json.dumps(spec, indent=2) + "\n", fsync=False)
     return path
 
 

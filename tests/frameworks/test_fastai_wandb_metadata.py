@@ -8,9 +8,12 @@ pytest.importorskip("fastai.callback.tracker")
 pytest.importorskip("wandb")
 pytest.importorskip("fastai.callback.wandb")
 
-from pytest_mlrepro.checkpoint.adapters.fastai_wandb import (  # noqa: E402
-    CHECK, check_fastai_wandb_best_metadata, metadata_differences)
-from tests.helpers.wandb_reader import read_run  # noqa: E402
+from pytest_mlrepro.checkpoint.adapters.fastai_wandb import (
+    CHECK,
+    check_fastai_wandb_best_metadata,
+    metadata_differences,
+)
+from pytest_mlrepro.publish.wandb_reader import read_run
 
 pytestmark = pytest.mark.frameworks
 
@@ -137,6 +140,7 @@ def test_no_improvement_is_an_error_naming_the_monitor(tmp_path):
     f = check_fastai_wandb_best_metadata(values=[math.nan], tmpdir=tmp_path)
     assert f.verdict == "error", f.message
     assert f.details["monitor"] == "valid_loss" and "FileNotFoundError" in f.message
+    assert "saved no model" in f.message and f.details["saved_epochs"] == []
 
 
 def test_metadata_differences():

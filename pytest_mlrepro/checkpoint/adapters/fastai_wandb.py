@@ -10,7 +10,7 @@ the last one, the best weights travel with another epoch's metrics.
 file: a real ``Learner.fit`` with the real ``SaveModelCallback`` and ``WandbCallback`` in a real W&B
 *offline* run (everything W&B writes stays under ``tmpdir``); a watcher callback notes the epochs
 ``SaveModelCallback`` saved and the MD5 of each file it wrote; then the ``run-<id>.wandb`` file is
-read back (``tests.helpers.wandb_reader``) and the model artifact's metadata is compared with the
+read back (``pytest_mlrepro.publish.wandb_reader``) and the model artifact's metadata is compared with the
 Recorder's row at the epoch ``SaveModelCallback`` kept, and its file with the file saved at that
 epoch. Verdict ``fail`` names the best epoch, the epoch the metadata comes from and every differing
 value. Without a ``learner_factory`` a one-weight learner is trained for ``len(values)`` epochs with
@@ -65,7 +65,7 @@ def check_fastai_wandb_best_metadata(learner_factory=None, *, values=None, monit
     ``log_preds`` defaults off); ``wandb_callback_cls`` replaces fastai's class (e.g. a fixed subclass).
     Metadata strings are compared with the recorded floats within
     ``rel_tol`` (fastai writes ``str(value)``). ``read_run(run_dir)`` reads the offline run (default:
-    ``tests.helpers.wandb_reader.read_run``).
+    ``pytest_mlrepro.publish.wandb_reader.read_run``).
     """
     fit_kwargs = dict(fit_kwargs or {})
     if learner_factory is None:
@@ -155,7 +155,7 @@ def _run_check(learner_factory, values, monitor, n_epochs, comp, sm_kwargs, wcb_
     mode = _mode(sm.comp)
     try:
         run = wandb.init(project=project, dir=str(wandb_dir), mode="offline", settings=_settings(wandb))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 -- any W&B failure becomes an error finding
         return _error(f"wandb.init (offline, dir {wandb_dir}) failed: {type(exc).__name__}: {exc}", monitor, mode=mode)
     run_dir = Path(run.dir).parent
     if wandb_dir.resolve() not in run_dir.resolve().parents:
@@ -169,23 +169,24 @@ def _run_check(learner_factory, values, monitor, n_epochs, comp, sm_kwargs, wcb_
             run.finish(exit_code=1)
         if not isinstance(exc, Exception):
             raise
+        hint = ("; SaveModelCallback saved no model (the monitor never improved) and its after_fit loads "
+                "the best file unconditionally" if not watch.saved else "")
         return _error(f"the fit with SaveModelCallback + WandbCallback raised {type(exc).__name__}: "
-                      f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}", monitor, mode=mode,
-                      run_dir=str(run_dir), compat_shims=shims)
+                      f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}{hint}", monitor, mode=mode,
+                      run_dir=str(run_dir), saved_epochs=list(watch.saved), compat_shims=shims)
     run.finish()
     history = _recorder_history(learn)
     details = {"callback": _callback_name(wcb), "monitor": monitor, "mode": mode, "history": history,
                "checkpoint_path": str(sm.last_saved_path) if sm.last_saved_path else None,
                "saved_epochs": list(watch.saved), "rel_tol": rel_tol, "compat_shims": shims}
-    try:
-        offline = read_run(run_dir)
-    except Exception as exc:
-        return _error(f"could not read the offline W&B run in {run_dir}: {type(exc).__name__}: {exc}", **details)
+    offline, problem = _read_finished_run(read_run, run_dir)
+    if offline is None:
+        return _error(f"could not read the finished offline W&B run in {run_dir}: {problem}", **details)
     details["run_file"] = str(getattr(offline, "path", run_dir))
-    return _judge(offline, watch, sm, history, details, rel_tol)
+    return _judge(offline, watch, history, details, rel_tol)
 
 
-def _judge(offline, watch, sm, history, details, rel_tol) -> Finding:
+def _judge(offline, watch, history, details, rel_tol) -> Finding:
     monitor, run_file = details["monitor"], details["run_file"]
     if not history:
         return _error("the fit recorded no epoch", **details)
@@ -362,10 +363,34 @@ def _fastcore_init_args_compat():
 
     fw.init_args = init_args
     try:
-        yield ["fastai.callback.wandb.init_args: {} for objects without __dict__ "
-               "(fastcore init_args raises TypeError on floats/bools, fastcore#931)"]
+        yield [("fastai.callback.wandb.init_args: {} for objects without __dict__ "
+                "(fastcore init_args raises TypeError on floats/bools, fastcore#931)")]
     finally:
         fw.init_args = original
+
+
+def _read_finished_run(read_run, run_dir: Path, timeout: float = 30.0):
+    """``(run, None)`` once the run file ends with its ``exit`` record, else ``(None, why)``.
+
+    ``run.finish()`` returns when wandb-core has *handled* the exit record; the transaction log is
+    flushed to disk a little later (seen: 0 records readable right after ``finish``, all of them
+    ~2 s later), so an early read misses the artifact.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    why = "no run file yet"
+    while True:
+        try:
+            run = read_run(run_dir)
+            if "exit" in getattr(run, "record_types", ["exit"]):
+                return run, None
+            why = f"no exit record yet ({len(run.record_types)} records)"
+        except Exception as exc:  # noqa: BLE001 -- a log still being written ends mid-record
+            why = f"{type(exc).__name__}: {exc}"
+        if time.monotonic() > deadline:
+            return None, f"still incomplete after {timeout:g} s ({why})"
+        time.sleep(0.05)
 
 
 def _settings(wandb):
@@ -375,12 +400,8 @@ def _settings(wandb):
 
 
 def _default_reader():
-    try:
-        from tests.helpers.wandb_reader import read_run
-    except ImportError as exc:
-        raise ImportError("check_fastai_wandb_best_metadata reads the offline run with "
-                          "tests.helpers.wandb_reader.read_run, which needs the pytest-mlrepro repository root "
-                          f"on sys.path ({exc}); or pass read_run=") from exc
+    from pytest_mlrepro.publish.wandb_reader import read_run
+
     return read_run
 
 

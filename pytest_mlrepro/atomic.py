@@ -1,0 +1,64 @@
+"""Write a file so that readers see the old content or the new, never half of either:
+a temp file beside the target, flushed (and fsynced on request), then ``os.replace``."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write: Callable[[str], None], *, fsync: bool = True, make_parents: bool = False) -> int:
+    """Write through ``write(tmp_path)`` to a temp file beside ``path``, then replace ``path``.
+
+    Returns the bytes written. A missing parent folder raises ``FileNotFoundError`` unless
+    ``make_parents``; on any failure the temp file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    elif not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        if fsync:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        size = os.path.getsize(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if fsync:
+        _fsync_dir(path.parent)
+    return size
+
+
+def atomic_write_bytes(path, data: bytes, *, fsync: bool = True, make_parents: bool = False) -> int:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+
+    return atomic_write(path, write, fsync=fsync, make_parents=make_parents)
+
+
+def atomic_write_text(path, text: str, *, fsync: bool = True, make_parents: bool = False) -> int:
+    return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync, make_parents=make_parents)
