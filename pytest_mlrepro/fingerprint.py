@@ -240,3 +240,50 @@ def _meta_tensor(tensors: list, device: torch.device) -> torch.Tensor:
         while len(_meta_cache) > _META_CACHE_SIZE:
             _meta_cache.popitem(last=False)
     return value
+
+
+# -- the per-step trace's fingerprint ---------------------------------------------------------------
+_POW256: dict = {}
+
+
+def _pow256(device: torch.device) -> torch.Tensor:
+    if device not in _POW256:
+        _POW256[device] = torch.tensor([256 ** i for i in range(7)], dtype=torch.int64, device=device)
+    return _POW256[device]
+
+
+def word_sum_many(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The per-step trace fingerprint: per tensor, the wrapping int64 sum of its bytes read as
+    little-endian 8-byte words (a short last word zero-padded). int64 ``[n]`` on the tensors' device.
+
+    Deterministic in any reduction order, one memory pass (~40 GB/s on one core here, about 15x
+    ``fingerprint_many``), so tracing every optimizer step stays cheap. Weaker by design: any single
+    changed word changes it, but changes that cancel exactly (two elements swapped, +1/-1 ULP at
+    matching word positions, two flips of a word's top bit) do not. A divergence missed that way
+    shows up one step later, and the final weights are compared element by element regardless.
+    """
+    sums = []
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"word_sum_many: item {i} is a {type(t).__name__}, not a torch.Tensor")
+        t = t.detach()
+        if t.is_complex():
+            t = torch.view_as_real(t)
+        if not t.is_contiguous():
+            t = t.contiguous()
+        data = t.reshape(-1).view(torch.uint8)
+        whole = data.numel() // 8 * 8
+        if whole:
+            body = data[:whole]
+            if body.storage_offset() % 8:
+                body = body.clone()
+            s = body.view(torch.int64).sum()
+        else:
+            s = torch.zeros((), dtype=torch.int64, device=t.device)
+        if whole != data.numel():
+            tail = data[whole:].to(torch.int64)
+            s = s + (tail * _pow256(t.device)[: tail.numel()]).sum()
+        sums.append(s)
+    if not sums:
+        return torch.empty(0, dtype=torch.int64)
+    return torch.stack(sums)

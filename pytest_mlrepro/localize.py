@@ -28,6 +28,18 @@ def _entry_slices(trace: dict) -> list[tuple[str, int, int, int, int]]:
     return out
 
 
+def _sample_slices(trace: dict) -> list[list[tuple[int, int]]]:
+    """Per entry, the (start, length) of each parameter's samples in the flat samples array."""
+    out, start = [], 0
+    for _kind, _step, opt in trace["entries"]:
+        spans = []
+        for n in trace["opt_sample_lens"][opt]:
+            spans.append((start, n))
+            start += n
+        out.append(spans)
+    return out
+
+
 def first_divergence(ta: dict, tb: dict) -> Optional[TraceDivergence]:
     """The first trace entry whose fingerprints differ (None when the traces are identical)."""
     sa, sb = _entry_slices(ta), _entry_slices(tb)
@@ -50,18 +62,26 @@ def first_divergence(ta: dict, tb: dict) -> Optional[TraceDivergence]:
 
 
 def step_divergence(ta: dict, tb: dict, limit: int = 2000) -> list[dict]:
-    """Per step: max over parameters of |‖θ_a‖ − ‖θ_b‖| and how many fingerprints differ (for plots)."""
+    """Per step: the largest |a - b| over the sampled elements, and how many fingerprints differ (for plots)."""
+    import torch
+
     sa, sb = _entry_slices(ta), _entry_slices(tb)
+    pa, pb = _sample_slices(ta), _sample_slices(tb)
     rows = []
-    for ea, eb in zip(sa, sb):
-        if ea[0] != "step" or ea[4] != eb[4]:
+    for ea, eb, spans_a, spans_b in zip(sa, sb, pa, pb):
+        if ea[0] != "step" or ea[4] != eb[4] or [n for _, n in spans_a] != [n for _, n in spans_b]:
             continue
-        na, nb = ta["norm"][ea[3]:ea[3] + ea[4]], tb["norm"][eb[3]:eb[3] + eb[4]]
+        start_a, start_b = spans_a[0][0] if spans_a else 0, spans_b[0][0] if spans_b else 0
+        total = sum(n for _, n in spans_a)
+        xa, xb = ta["samples"][start_a:start_a + total], tb["samples"][start_b:start_b + total]
+        diff = (xa - xb).abs()
+        both_nan = torch.isnan(xa) & torch.isnan(xb)
+        diff = torch.where(both_nan | (xa == xb), torch.zeros_like(diff), diff)
+        diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
         fa, fb = ta["fp"][ea[3]:ea[3] + ea[4]], tb["fp"][eb[3]:eb[3] + eb[4]]
-        diff = (na.double() - nb.double()).abs()
-        rows.append({"step": ea[1], "max_norm_diff": float(diff.max()) if diff.numel() else 0.0,
+        rows.append({"step": ea[1], "max_abs_diff_sampled": float(diff.max()) if diff.numel() else 0.0,
                      "tensors_differing": int((fa != fb).sum())})
-    if len(rows) > limit:  # keep the first divergence visible: thin evenly but keep every differing onset
+    if len(rows) > limit:  # thin evenly for plots and reports
         stride = -(-len(rows) // limit)
         rows = [r for i, r in enumerate(rows) if i % stride == 0]
     return rows

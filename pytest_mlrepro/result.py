@@ -120,7 +120,7 @@ class AuditResult:
     nondeterministic_ops: list = field(default_factory=list)  # list[NondeterministicOp]
     environment: dict = field(default_factory=dict)
     replicas: list = field(default_factory=list)  # list[ReplicaSummary]
-    step_divergence: list = field(default_factory=list)  # [{"step", "max_norm_diff", "tensors_differing"}]
+    step_divergence: list = field(default_factory=list)  # [{"step", "max_abs_diff_sampled", "tensors_differing"}]
     findings: list = field(default_factory=list)  # list[Finding]
     error: Optional[AuditError] = None
     compared: str = "weights"  # weights (full tensors) | none (a checks-only result)

@@ -2,8 +2,9 @@
 
 Works on training loops nobody edited (plain loops, Lightning, Transformers, Keras on torch,
 fastai): torch's global ``register_optimizer_step_{pre,post}_hook`` fire for every optimizer. The
-fingerprint is an integer reduction over raw bits computed where the tensor lives, kept on that
-device until the replica ends (no host copy per step). In *replay* mode the tracer also records,
+per-step fingerprint is a wrapping int64 sum over the raw bits (``word_sum_many``: deterministic, one
+memory pass), plus 16 sampled values per tensor for the divergence curve; both are computed where
+the tensor lives and kept on that device until the replica ends (no host copy per step). In *replay* mode the tracer also records,
 for one chosen step, every module call's input/output fingerprints and every gradient, so the
 localizer can name the phase and module where two replicas part.
 """
@@ -14,7 +15,9 @@ from typing import Any, Optional
 
 import torch
 
-from .fingerprint import fingerprint_many
+from .fingerprint import fingerprint_many, word_sum_many
+
+SAMPLES_PER_TENSOR = 16  # elements per parameter recorded each step, for the per-step divergence curve
 
 
 class ReplayDone(BaseException):
@@ -44,6 +47,12 @@ def _fp_of(obj: Any) -> Optional[torch.Tensor]:
     return fingerprint_many(tensors)
 
 
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    return t.view(-1) if t.is_contiguous() else t.reshape(-1)
+
+
 def _rng_fp() -> torch.Tensor:
     return fingerprint_many([torch.get_rng_state()])
 
@@ -57,9 +66,10 @@ class Tracer:
         self._params: list[torch.Tensor] = []
         self._optimizers: list = []  # weakrefs
         self._opt_indices: list[list[int]] = []
+        self._opt_samples: list[list[torch.Tensor]] = []  # per optimizer: sample indices per parameter
         self._entries: list[tuple[str, int, int]] = []  # (kind, step, optimizer index)
         self._fps: list[torch.Tensor] = []
-        self._norms: list[torch.Tensor] = []
+        self._samples: list[torch.Tensor] = []
         self._losses: list[Optional[torch.Tensor]] = []
         self._pending_loss: Optional[torch.Tensor] = None
         self._seen_modules: dict[int, torch.nn.Module] = {}
@@ -164,6 +174,10 @@ class Tracer:
                     self.param_names.append(f"<optimizer{opt_idx}.group{g}.param{j}>")
                 indices.append(self._param_index[id(p)])
         self._opt_indices.append(indices)
+        self._opt_samples.append([
+            torch.linspace(0, max(self._params[i].numel() - 1, 0), SAMPLES_PER_TENSOR, device=self._params[i].device).long()
+            if self._params[i].numel() else torch.zeros(0, dtype=torch.long, device=self._params[i].device)
+            for i in indices])
         self._name_modules()
         self._record("init", opt_idx)
         return opt_idx
@@ -172,11 +186,9 @@ class Tracer:
     def _record(self, kind: str, opt_idx: int) -> None:
         params = [self._params[i].detach() for i in self._opt_indices[opt_idx]]
         with torch.no_grad():
-            self._fps.append(fingerprint_many(params))
-            norms = torch._foreach_norm(params)
-            if len({n.dtype for n in norms}) > 1:
-                norms = [n.float() for n in norms]
-            self._norms.append(torch.stack(norms).float())
+            self._fps.append(word_sum_many(params))
+            self._samples.append(torch.cat([
+                _flat(p).index_select(0, idx).to(torch.float64) for p, idx in zip(params, self._opt_samples[opt_idx])]))
         self._entries.append((kind, self.steps, opt_idx))
 
     def _pre_step(self, optimizer, args, kwargs):
@@ -241,7 +253,7 @@ class Tracer:
             self._name_modules()
         owner = getattr(self, "_param_owner", {})
         fps = torch.cat(self._fps).cpu() if self._fps else torch.zeros(0, dtype=torch.int64)
-        norms = torch.cat(self._norms).cpu() if self._norms else torch.zeros(0)
+        samples = torch.cat(self._samples).cpu() if self._samples else torch.zeros(0, dtype=torch.float64)
         losses = [None if l is None else float(l.float().cpu()) for l in self._losses]
         record = {
             "param_names": list(self.param_names),
@@ -249,7 +261,8 @@ class Tracer:
             "opt_indices": self._opt_indices,
             "entries": self._entries,
             "fp": fps,
-            "norm": norms,
+            "samples": samples,
+            "opt_sample_lens": [[int(idx.numel()) for idx in per_opt] for per_opt in self._opt_samples],
             "losses": losses,
             "steps": self.steps,
             "rng_at_first_step": self.rng_at_first_step,

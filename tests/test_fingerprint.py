@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from pytest_mlrepro import fingerprint as fp_mod
-from pytest_mlrepro.fingerprint import fingerprint, fingerprint_many
+from pytest_mlrepro.fingerprint import fingerprint, fingerprint_many, word_sum_many
 
 MASK = (1 << 64) - 1
 ROW_WORDS = fp_mod.ROW_WORDS
@@ -285,3 +285,59 @@ def test_cuda_matches_cpu_without_synchronising():
     assert got.device.type == "cuda" and single.device.type == "cuda"
     assert got.tolist() == expected
     assert single.item() == expected[0]
+
+
+# -- word_sum_many: the per-step trace fingerprint ----------------------------------------------------
+
+
+def _reference_word_sum(t: torch.Tensor) -> int:
+    t = t.detach()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    data = bytes(t.contiguous().reshape(-1).view(torch.uint8).tolist())
+    data += b"\0" * (-len(data) % 8)
+    total = sum(int.from_bytes(data[i:i + 8], "little", signed=False) for i in range(0, len(data), 8))
+    total %= 2**64
+    return total - 2**64 if total >= 2**63 else total
+
+
+@pytest.mark.parametrize("t", [
+    torch.randn(5, 3), torch.randn(7, dtype=torch.float64), torch.randn(3, dtype=torch.bfloat16),
+    torch.randn(5, dtype=torch.float16), torch.arange(11, dtype=torch.int32), torch.tensor([True, False, True]),
+    torch.randn(4, 6).t(), torch.randn(3, dtype=torch.complex64), torch.zeros(0), torch.tensor(2.5),
+    torch.randn(10)[3:],
+], ids=lambda t: f"{t.dtype}{list(t.shape)}")
+def test_word_sum_matches_its_definition(t):
+    assert int(word_sum_many([t])[0]) == _reference_word_sum(t)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 300), st.data())
+def test_word_sum_changes_on_any_single_bit_flip(n, data):
+    t = torch.randn(n)
+    flipped = t.clone()
+    words = flipped.view(torch.int32)
+    i = data.draw(st.integers(0, n - 1))
+    bit = data.draw(st.integers(0, 31))
+    words[i] ^= (1 << bit) if bit < 31 else -(1 << 31)
+    assert int(word_sum_many([t])[0]) != int(word_sum_many([flipped])[0])
+
+
+def test_word_sum_is_blind_to_an_exact_swap_as_documented():
+    t = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    swapped = torch.tensor([3.0, 4.0, 1.0, 2.0])  # whole 8-byte words trade places
+    assert torch.equal(word_sum_many([t]), word_sum_many([swapped]))
+    assert not torch.equal(fingerprint_many([t]), fingerprint_many([swapped]))  # the strong one sees it
+
+
+def test_word_sum_is_the_same_with_one_or_two_threads():
+    t = torch.randn(3_000_000)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = word_sum_many([t])
+        torch.set_num_threads(2)
+        two = word_sum_many([t])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)

@@ -290,7 +290,7 @@ def _validate_audit(p: list, w: str, a: Any) -> None:
             p.append(f"{sw}: expected an object")
             continue
         _require(p, sw, s, "step", int)
-        _require(p, sw, s, "max_norm_diff", _NUM, optional=True)
+        _require(p, sw, s, "max_abs_diff_sampled", _NUM, optional=True)
         _require(p, sw, s, "tensors_differing", int)
     for j, f in enumerate(a.get("findings") or []):
         fw = f"{w}.findings[{j}]"

@@ -153,7 +153,7 @@ def metrics_figure(result):
 def plot_step_divergence(result, out_dir) -> Optional[Path]:
     """Per-step divergence between replicas on a log scale, with the count of differing tensors.
 
-    ``result.step_divergence`` rows are ``{"step", "max_norm_diff", "tensors_differing"}``; a zero
+    ``result.step_divergence`` rows are ``{"step", "max_abs_diff_sampled", "tensors_differing"}``; a zero
     (the replicas agree at that step) cannot sit on a log axis, so zeros are drawn at the bottom
     edge with their own marker and legend entry. Returns None without rows.
     """
@@ -172,7 +172,7 @@ def step_divergence_figure(result):
 
     rows.sort(key=lambda r: r["step"])
     steps = [r["step"] for r in rows]
-    vals = [_finite(r.get("max_norm_diff")) for r in rows]
+    vals = [_finite(r.get("max_abs_diff_sampled")) for r in rows]
     pos = [(s, v) for s, v in zip(steps, vals) if v is not None and v > 0]
     zero = [s for s, v in zip(steps, vals) if v is not None and v == 0]
     floor = min(v for _, v in pos) / 10 if pos else 1e-12
@@ -192,7 +192,7 @@ def step_divergence_figure(result):
         where = f"first divergence: step {fd.step}" + (f", {fd.tensor}" if fd.tensor else "")
         ax.axvline(fd.step, color="black", linestyle="--", linewidth=1.2, label=where)
         ax2.axvline(fd.step, color="black", linestyle="--", linewidth=1.2)
-    ax.set_ylabel("largest per-tensor norm difference\nreplica 0 vs 1 (max_norm_diff, log)")
+    ax.set_ylabel("max |Δ| over sampled elements\nreplica 0 vs 1 (max_abs_diff_sampled, log)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     ax2.bar(steps, [int(r.get("tensors_differing") or 0) for r in rows], color="tab:blue", width=0.8)

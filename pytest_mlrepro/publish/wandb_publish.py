@@ -143,7 +143,7 @@ TENSOR_COLUMNS = ["tensor", "status", "dtype", "shape", "other_shape", "max_abs_
 DIVERGENCE_COLUMNS = ["step", "tensor", "tensors", "phase", "module", "module_type", "inputs_matched",
                       "message", "cause", "cause_detail"]
 FINDING_COLUMNS = ["check", "verdict", "message", "details"]
-STEP_COLUMNS = ["step", "max_norm_diff", "tensors_differing"]
+STEP_COLUMNS = ["step", "max_abs_diff_sampled", "tensors_differing"]
 
 
 def _s(x) -> Optional[str]:
@@ -173,7 +173,7 @@ def table_rows(result) -> dict:
         ])
     if result.step_divergence:
         tables["step_divergence"] = (STEP_COLUMNS, [
-            [d.get("step"), d.get("max_norm_diff"), d.get("tensors_differing")] for d in result.step_divergence
+            [d.get("step"), d.get("max_abs_diff_sampled"), d.get("tensors_differing")] for d in result.step_divergence
         ])
     return tables
 

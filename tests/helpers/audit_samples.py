@@ -71,7 +71,7 @@ def make_nondeterministic() -> AuditResult:
         environment=ENV,
         replicas=[ReplicaSummary(0, 0.7, 6, None, m0, [], ENV), ReplicaSummary(1, 0.7, 6, None, m1, [], ENV)],
         step_divergence=[
-            {"step": s, "max_norm_diff": (0.0 if s < 3 else 3e-7 * 10 ** (s - 3)), "tensors_differing": (0 if s < 3 else min(2, s - 2))}
+            {"step": s, "max_abs_diff_sampled": (0.0 if s < 3 else 3e-7 * 10 ** (s - 3)), "tensors_differing": (0 if s < 3 else min(2, s - 2))}
             for s in range(6)
         ],
         wall_time_s=2.5,

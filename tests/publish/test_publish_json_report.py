@@ -51,11 +51,11 @@ def test_written_report_reads_back_into_equal_results(tmp_path, results):
 def test_non_finite_floats_are_strings_and_the_file_is_strict_json(tmp_path, sample_results):
     r = AuditResult.from_dict(sample_results["nondeterministic"].to_dict())
     r.tensors[0].max_abs_diff = float("nan")
-    r.step_divergence[5]["max_norm_diff"] = float("inf")
+    r.step_divergence[5]["max_abs_diff_sampled"] = float("inf")
     path = write_report(tmp_path / "r.json", build_report([r], SESSION))
     doc = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert doc["audits"][0]["tensors"][0]["max_abs_diff"] == "nan"
-    assert doc["audits"][0]["step_divergence"][5]["max_norm_diff"] == "inf"
+    assert doc["audits"][0]["step_divergence"][5]["max_abs_diff_sampled"] == "inf"
     assert validate_report(doc) == []
 
 
