@@ -20,6 +20,10 @@ _LAZY = {
     "infer_direction": ("pytest_mlrepro.checkpoint.direction", "infer_direction"),
     "BestCheckpoint": ("pytest_mlrepro.checkpoint.callbacks", "BestCheckpoint"),
     "EarlyStopping": ("pytest_mlrepro.checkpoint.callbacks", "EarlyStopping"),
+    "CheckpointSpec": ("pytest_mlrepro.checkpoint_audit", "CheckpointSpec"),
+    "check_reload": ("pytest_mlrepro.checkpoint.reload", "check_reload"),
+    "check_conformance": ("pytest_mlrepro.checkpoint.conformance", "check_conformance"),
+    "check_comparator": ("pytest_mlrepro.checkpoint.conformance", "check_comparator"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -179,3 +179,27 @@ def test_report_and_junit_carry_every_audit(project, xdist, tmp_path):
     xml = junit.read_text()
     assert 'name="mlrepro.verdict" value="nondeterministic"' in xml
     assert 'name="mlrepro.verdict" value="deterministic"' in xml
+
+
+def test_public_api_names_resolve_lazily():
+    code = ("import sys, pytest_mlrepro as m; assert 'torch' not in sys.modules; "
+            "names = [n for n in m.__all__ if n != '__version__']; [getattr(m, n) for n in names]; "
+            "assert m.infer_direction('val_acc') == 'max'; print(len(names))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert int(out) >= 14
+
+
+def test_the_fixture_records_checkpoint_checks_for_the_summary(project):
+    project.makepyfile(test_checks="""
+        from pytest_mlrepro.checkpoint.conformance import ReferenceEarlyStoppingDriver
+        from pytest_mlrepro.checkpoint.oracle import StopSpec
+
+        def test_comparator(mlrepro):
+            always_min = lambda: ReferenceEarlyStoppingDriver(StopSpec("min", 1), "val_acc")
+            result = mlrepro.check_comparator(always_min, monitor="val_acc", callback="toy.always_min")
+            assert result.verdict == "failed-checks"
+            result.assert_deterministic()
+    """)
+    result = project.runpytest_subprocess("--mlrepro", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*comparator.direction] fail*", "*= mlrepro =*", "*comparator:val_acc*comparator.direction*fail*"])
