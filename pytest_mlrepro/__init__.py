@@ -9,7 +9,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "audit": ("pytest_mlrepro.audit", "audit"),
+    "audit": ("pytest_mlrepro.auditing", "audit"),
     "AuditResult": ("pytest_mlrepro.result", "AuditResult"),
     "Divergence": ("pytest_mlrepro.result", "Divergence"),
     "TensorDiff": ("pytest_mlrepro.result", "TensorDiff"),

@@ -16,8 +16,10 @@ GENERATOR_LABELS = {"python": "python `random`", "numpy": "numpy's global RNG", 
 
 
 def _seed_values_differ(ma: dict, mb: dict) -> Optional[Cause]:
-    ca = [c for c in ma["seeding"]["calls"] if not c["unseeded"]]
-    cb = [c for c in mb["seeding"]["calls"] if not c["unseeded"]]
+    # torch's own seeding of internal generators (a sampler seeding its Generator from the global
+    # RNG) is a consequence, not a cause: only the program's and its libraries' calls count
+    ca = [c for c in ma["seeding"]["calls"] if not c["unseeded"] and c.get("origin") != "torch"]
+    cb = [c for c in mb["seeding"]["calls"] if not c["unseeded"] and c.get("origin") != "torch"]
     for x, y in zip(ca, cb):
         if x["api"] == y["api"] and x["value"] != y["value"]:
             return Cause("time_seed",
@@ -28,7 +30,9 @@ def _seed_values_differ(ma: dict, mb: dict) -> Optional[Cause]:
 
 
 def _unseeded_instances(ma: dict) -> list[dict]:
-    return [c for c in ma["seeding"]["calls"] if c["unseeded"]]
+    """Generators created without a seed by the program itself (a library's own, such as tempfile's
+    name generator that DataLoader workers make multiprocessing create, do not count)."""
+    return [c for c in ma["seeding"]["calls"] if c["unseeded"] and c.get("origin", "user") == "user"]
 
 
 def _dataloaders(ma: dict, mb: dict, phase: Optional[str]) -> Optional[Cause]:

@@ -23,12 +23,14 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("targets", nargs="*", help="'module:fn', 'file.py:fn' or 'script.py' (script args after --args)")
     a.add_argument("--catalog", type=Path, help="a catalog JSON (like fixtures/catalog.json) listing targets, args and expectations")
     a.add_argument("--expect", action="store_true", help="with --catalog: succeed when every verdict is the expected one")
-    a.add_argument("--args", nargs=argparse.REMAINDER, default=[], help="argv for script targets (everything after it)")
+    a.add_argument("--args", nargs=argparse.REMAINDER, default=[],
+                   help="argv for the script targets (everything after it; function targets take none)")
     a.add_argument("--seed", type=int, default=0, help="Default: %(default)r")
     a.add_argument("--runs", type=int, default=2, help="Default: %(default)r")
     a.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="Default: %(default)r")
     a.add_argument("--isolation", choices=("process", "inprocess"), default="process", help="Default: %(default)r")
     a.add_argument("--timeout", type=float, default=None, help="seconds per replica. Default: no limit")
+    a.add_argument("--trace-every", type=int, default=1, help="fingerprint every k-th optimizer step. Default: %(default)r")
     a.add_argument("--out", type=Path, default=Path("mlrepro-out"),
                    help="output folder (created): the report, plots and W&B runs go here unless placed elsewhere. Default: %(default)s")
     a.add_argument("--report", type=Path, default=None, help="the JSON report. Default: OUT/report.json")
@@ -64,8 +66,9 @@ def _catalog_entries(path: Path, device: str) -> list[dict]:
 
 
 def _audit(ns: argparse.Namespace) -> int:
-    from .audit import audit
+    from .auditing import audit
     from .errors import MlreproError
+    from .result import AuditError, AuditResult
     from .publish.config import PublishConfig
     from .publish.session import publish_session
     from .publish.terminal import summary_lines
@@ -73,7 +76,8 @@ def _audit(ns: argparse.Namespace) -> int:
     if ns.expect and not ns.catalog:
         print("mlrepro: --expect needs --catalog", file=sys.stderr)
         return 2
-    jobs: list[tuple[str, list, Optional[dict]]] = [(t, list(ns.args), None) for t in ns.targets]
+    jobs: list[tuple[str, list, Optional[dict]]] = [
+        (t, list(ns.args) if t.endswith(".py") else [], None) for t in ns.targets]
     if ns.catalog:
         jobs += [(e["target"], list(e.get("args", [])), e) for e in _catalog_entries(ns.catalog, ns.device)]
     if not jobs:
@@ -87,10 +91,11 @@ def _audit(ns: argparse.Namespace) -> int:
             device = "cuda"
         try:
             result = audit(target, args=args, seed=ns.seed, runs=ns.runs, device=device, isolation=ns.isolation,
-                           timeout=ns.timeout, rootdir=rootdir)
-        except (MlreproError, ValueError) as exc:
-            print(f"mlrepro: {target}: {exc}", file=sys.stderr)
-            return 2
+                           timeout=ns.timeout, rootdir=rootdir, trace_every=ns.trace_every)
+        except (MlreproError, ValueError) as exc:  # a bad target: say so, audit the others
+            result = AuditResult(target=str(target), seed=ns.seed, runs=ns.runs, device=device, isolation=ns.isolation,
+                                 seeding="-", comparison={}, deterministic=False,
+                                 error=AuditError(type=type(exc).__name__, message=str(exc)))
         results.append(result)
         mark = ""
         if entry is not None:

@@ -24,7 +24,7 @@ class MlreproHandle:
 
     def audit(self, target: Any = None, **overrides: Any):
         """Audit ``target`` (default: the marker's) with this test's options; keyword overrides win."""
-        from .audit import audit
+        from .auditing import audit
 
         target = target if target is not None else self.marker_target
         if target is None:

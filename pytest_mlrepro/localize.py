@@ -103,8 +103,9 @@ def describe_init(td: TraceDivergence, trace: dict) -> Divergence:
     tensor = td.tensors[0] if td.tensors else None
     module, mtype = owner_of(trace, tensor) if tensor else (None, None)
     more = f" and {len(td.tensors) - 1} more" if len(td.tensors) > 1 else ""
-    return Divergence(step=0, tensor=tensor, tensors=td.tensors, phase="init", module=module, module_type=mtype,
-                      message=f"step 0: the initial weights already differ (before any update): `{tensor}`{more}"
+    whose = "any update" if td.step == 0 else f"their optimizer's first update, which came after {td.step} steps"
+    return Divergence(step=td.step, tensor=tensor, tensors=td.tensors, phase="init", module=module, module_type=mtype,
+                      message=f"step {td.step}: the initial weights already differ (before {whose}): `{tensor}`{more}"
                       + (f" of {_module_label(module, mtype)}" if module is not None else ""))
 
 

@@ -59,6 +59,7 @@ OPTIONS: dict[str, tuple[Callable[[Any], Any], Any, str]] = {
     "isolation": (_choice("process", "inprocess"), "process", "run each replica in a fresh interpreter (process) or in the test process (inprocess)"),
     "timeout": (_opt_float, None, "seconds a replica may run before its process tree is killed (none: no limit)"),
     "runs": (int, 2, "how many replicas each audit runs"),
+    "trace_every": (int, 1, "fingerprint the weights after every k-th optimizer step (1: every step; a dense re-trace still finds the exact step)"),
     "deterministic": (_bool, True, "apply torch's deterministic settings (use_deterministic_algorithms warn_only, cuDNN flags, cuBLAS workspace)"),
     "report": (str, None, "write the JSON report to this path"),
     "wandb": (_choice("offline", "online", "disabled"), "offline", "publish audits to Weights & Biases: offline, online or disabled"),
@@ -69,7 +70,7 @@ OPTIONS: dict[str, tuple[Callable[[Any], Any], Any, str]] = {
     "wandb_tags": (_tags, (), "comma-separated W&B tags"),
 }
 
-MARKER_KEYS = ("seed", "device", "isolation", "timeout", "runs", "deterministic")
+MARKER_KEYS = ("seed", "device", "isolation", "timeout", "runs", "deterministic", "trace_every")
 AUDIT_KEYWORDS = ("args", "kwargs", "seeding", "mode", "atol", "rtol", "max_ulp", "checkpoint", "cwd")
 
 
@@ -81,6 +82,7 @@ class MlreproOptions:
     isolation: str = "process"
     timeout: Optional[float] = None
     runs: int = 2
+    trace_every: int = 1
     deterministic: bool = True
     report: Optional[str] = None
     wandb: str = "offline"

@@ -17,7 +17,7 @@ handle_key = pytest.StashKey[Any]()
 
 SKIP_REASON = "mlrepro audits are off: pass --mlrepro to run them"
 MARKER_SIGNATURE = (
-    "mlrepro(target=None, *, seed=0, device='auto', isolation='process', timeout=None, runs=2, deterministic=True, "
+    "mlrepro(target=None, *, seed=0, device='auto', isolation='process', timeout=None, runs=2, deterministic=True, trace_every=1, "
     "args=(), kwargs=None, seeding=None, mode='bitwise', atol=0.0, rtol=0.0, max_ulp=0, checkpoint=None, cwd='replica'): a determinism audit; "
     "skipped unless pytest runs with --mlrepro. With a target and no call of the mlrepro fixture, the test "
     "audits the target and fails unless it is deterministic."

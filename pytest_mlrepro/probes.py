@@ -10,21 +10,46 @@ import os
 import random
 import sys
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def call_site(skip_prefixes: tuple = ()) -> str:
-    """file:line of the first frame outside pytest-mlrepro, torch, numpy and the stdlib random module."""
+def _library_roots() -> tuple:
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    return tuple({os.path.abspath(paths[k]) + os.sep for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+
+
+_LIBRARY_ROOTS = _library_roots()
+_API_FILES = frozenset({random.__file__, warnings.__file__})
+
+
+def call_site_info() -> tuple[str, str]:
+    """(site, origin) of a call into a probed API. ``origin`` says who made the call: "user" code,
+    a "library" (stdlib or site-packages), or "torch" itself. ``site`` is the first user frame on
+    the stack (file:line), or failing that the caller's own frame."""
     frame = sys._getframe(1)
-    skip = (_HERE, random.__file__, warnings.__file__, *skip_prefixes)
+    origin = caller = None
     while frame is not None:
         fname = frame.f_code.co_filename
-        if not fname.startswith(skip) and "/torch/" not in fname and "/numpy/" not in fname and not fname.startswith("<"):
-            return f"{fname}:{frame.f_lineno}"
+        # our own frames and the probed APIs' own modules are the call, not its caller
+        if not fname.startswith(_HERE) and not fname.startswith("<") and fname not in _API_FILES:
+            if fname.startswith(_LIBRARY_ROOTS):
+                kind = "torch" if f"{os.sep}torch{os.sep}" in fname else "library"
+            else:
+                kind = "user"
+            if origin is None:
+                origin, caller = kind, f"{fname}:{frame.f_lineno}"
+            if kind == "user":
+                return f"{fname}:{frame.f_lineno}", origin
         frame = frame.f_back
-    return "<unknown>"
+    return caller or "<unknown>", origin or "library"
+
+
+def call_site() -> str:
+    return call_site_info()[0]
 
 
 def _short(value: Any) -> Any:
@@ -49,19 +74,28 @@ class SeedProbe:
         probe = self
 
         def wrapper(*args, **kwargs):
-            value = seeded(args, kwargs)
-            probe.calls.append({"api": api, "value": _short(value), "unseeded": value is None, "site": call_site()})
+            probe.record(api, seeded(args, kwargs))
             return original(*args, **kwargs)
 
         wrapper.__wrapped__ = original  # type: ignore[attr-defined]
         setattr(owner, attr, wrapper)
         self._restore.append((owner, attr, original))
 
+    def record(self, api: str, value: Any) -> None:
+        site, origin = call_site_info()
+        self.calls.append({"api": api, "value": _short(value), "unseeded": value is None, "site": site, "origin": origin})
+
     def install(self) -> None:
         import numpy as np
         import torch
 
         first = lambda a, k, key="seed": a[0] if a else k.get(key)  # noqa: E731
+        # torch.Generator is a C type whose methods cannot be patched: programs that create one
+        # during the run get a subclass that reports its manual_seed calls.
+        generator = probed_generator_class()
+        generator.probe = self
+        self._restore.append((torch, "Generator", torch.Generator))
+        torch.Generator = generator
         self._patch(random, "seed", "random.seed", lambda a, k: first(a, k, "a"))
         self._patch(np.random, "seed", "numpy.random.seed", first)
         self._patch(np.random, "default_rng", "numpy.random.default_rng", first)
@@ -77,7 +111,7 @@ class SeedProbe:
 
         def instance_seed(self_, a=None, version=2):
             if self_ is not getattr(random, "_inst", None):
-                probe.calls.append({"api": "random.Random", "value": _short(a), "unseeded": a is None, "site": call_site()})
+                probe.record("random.Random", a)
             return original_seed(self_, a, version)
 
         random.Random.seed = instance_seed  # type: ignore[method-assign]
@@ -104,6 +138,29 @@ class SeedProbe:
             elif api.startswith("torch.cuda"):
                 names.add("cuda")
         return names
+
+
+def _make_probed_generator():
+    import torch
+
+    class ProbedGenerator(torch.Generator):
+        """torch.Generator that tells the seed probe about manual_seed / seed calls."""
+
+        probe: Optional["SeedProbe"] = None
+
+        def manual_seed(self, seed):
+            if ProbedGenerator.probe is not None:
+                ProbedGenerator.probe.record("torch.Generator.manual_seed", seed)
+            return super().manual_seed(seed)
+
+        def seed(self):
+            if ProbedGenerator.probe is not None:
+                ProbedGenerator.probe.record("torch.Generator.seed", None)
+            return super().seed()
+
+    ProbedGenerator.__module__ = __name__
+    ProbedGenerator.__qualname__ = "_ProbedGenerator"
+    return ProbedGenerator
 
 
 class DataLoaderProbe:
@@ -215,3 +272,20 @@ class NondeterministicOpProbe:
 
     def to_list(self) -> list[dict]:
         return [{"op": op, "call_site": site, "count": n} for (op, site), n in self.ops.items()]
+
+
+_PROBED_GENERATOR = None
+
+
+def probed_generator_class():
+    """The torch.Generator subclass, built on first use so importing this module imports no torch."""
+    global _PROBED_GENERATOR
+    if _PROBED_GENERATOR is None:
+        _PROBED_GENERATOR = _make_probed_generator()
+    return _PROBED_GENERATOR
+
+
+def __getattr__(name: str):
+    if name == "_ProbedGenerator":  # lets pickle find the class by reference (DataLoader workers)
+        return probed_generator_class()
+    raise AttributeError(name)

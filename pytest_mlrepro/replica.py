@@ -34,6 +34,8 @@ class ReplicaSpec:
     replay_step: Optional[int] = None
     entropy: int = 0
     cwd: Optional[str] = None  # working directory of the replica; None: its private workdir
+    trace_every: int = 1  # record the trace after every k-th optimizer step
+    stop_after: Optional[int] = None  # a dense re-trace: end the program after this step
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -42,14 +44,31 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, default=str), fsync=False)
 
 
+def _is_library_file(path: Optional[str]) -> bool:
+    import sysconfig
+
+    if not path:
+        return True
+    roots = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    return any(os.path.abspath(path).startswith(os.path.abspath(r) + os.sep) for r in roots)
+
+
 class _Restore:
-    """Saves global state an in-process replica changes (RNGs, deterministic flags, argv) and puts it back."""
+    """Saves the global state an in-process replica may change and puts it back: RNGs, deterministic
+    flags, default dtype, thread counts, argv, cwd, environment, sys.path, and the user modules it
+    imported (so the next replica runs their module-level code afresh, as a fresh process would)."""
 
     def __enter__(self):
         import random
 
         import numpy as np
         import torch
+
+        self.dtype = torch.get_default_dtype()
+        self.threads = torch.get_num_threads()
+        self.environ = dict(os.environ)
+        self.path = list(sys.path)
+        self.modules = set(sys.modules)
 
         self.py = random.getstate()
         self.np = np.random.get_state()
@@ -76,6 +95,17 @@ class _Restore:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = self.cudnn
         sys.argv = self.argv
         os.chdir(self.cwd)
+        torch.set_default_dtype(self.dtype)
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        os.environ.clear()
+        os.environ.update(self.environ)
+        sys.path[:] = self.path
+        for name in set(sys.modules) - self.modules:
+            module = sys.modules.get(name)
+            if name.startswith("_mlrepro_target_") or not _is_library_file(getattr(module, "__file__", None)):
+                if not name.startswith("pytest_mlrepro"):
+                    del sys.modules[name]
         return False
 
 
@@ -108,26 +138,27 @@ def _run(spec: ReplicaSpec, out_dir: Path) -> bool:
     seeding.apply_deterministic_settings(spec.deterministic)
     ctx = ReplicaContext(seed=spec.seed, device=spec.device, workdir=Path(spec.workdir), replica=spec.index)
     seeds, loaders, ops = SeedProbe(), DataLoaderProbe(), NondeterministicOpProbe()
-    tracer = Tracer(replay_step=spec.replay_step)
+    tracer = Tracer(replay_step=spec.replay_step, every=spec.trace_every, stop_after=spec.stop_after)
     returned: Any = None
     error: Optional[dict] = None
     start = time.perf_counter()
     for probe in (seeds, loaders, ops, tracer):
         probe.install()
     try:
-        if spec.target.kind == "script":
-            sys.argv = [spec.target.path, *map(str, spec.args)]
-            try:
+        try:
+            if spec.target.kind == "script":
+                sys.argv = [spec.target.path, *map(str, spec.args)]
+                sys.path.insert(0, os.path.dirname(spec.target.path))  # as `python script.py` does
                 runpy.run_path(spec.target.path, run_name="__main__")
-            except SystemExit as exc:
-                if exc.code not in (None, 0):
-                    raise RuntimeError(f"script {spec.target.display} exited with status {exc.code}") from exc
-        else:
-            fn = load_function(spec.target)
-            kwargs = dict(spec.kwargs)
-            if wants_ctx(fn) and "ctx" not in kwargs:
-                kwargs["ctx"] = ctx
-            returned = fn(*spec.args, **kwargs)
+            else:
+                fn = load_function(spec.target)
+                kwargs = dict(spec.kwargs)
+                if wants_ctx(fn) and "ctx" not in kwargs:
+                    kwargs["ctx"] = ctx
+                returned = fn(*spec.args, **kwargs)
+        except SystemExit as exc:
+            if exc.code not in (None, 0):
+                raise RuntimeError(f"{spec.target.display} exited with status {exc.code}") from exc
     except ReplayDone:
         pass
     except BaseException as exc:  # the target's failure is data for the parent, not a crash here
@@ -138,7 +169,7 @@ def _run(spec: ReplicaSpec, out_dir: Path) -> bool:
         for probe in (tracer, ops, loaders, seeds):
             probe.uninstall()
     wall = time.perf_counter() - start
-    if error is None and spec.replay_step is None:
+    if error is None and spec.replay_step is None and spec.stop_after is None:
         try:
             if returned is None:
                 if tracer.steps == 0:
@@ -156,7 +187,7 @@ def _run(spec: ReplicaSpec, out_dir: Path) -> bool:
                         f"target {spec.target.display} returned {type(returned).__name__}, which holds no tensors: "
                         "return an nn.Module, a state dict, a dict of tensors, or nothing"
                     )
-            weights = {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in weights.items()}
+            weights = {k: _storable(v) for k, v in weights.items()}
             tmp = out_dir / "weights.pt.tmp"
             torch.save(weights, tmp)
             os.replace(tmp, out_dir / "weights.pt")
@@ -185,6 +216,23 @@ def _run(spec: ReplicaSpec, out_dir: Path) -> bool:
         _write_json(out_dir / "error.json", error)
         return False
     return True
+
+
+def _storable(value: Any) -> Any:
+    """A leaf the parent can load with ``weights_only=True``: tensors (numpy arrays become tensors),
+    plain numbers, strings, booleans, None; anything else is kept as its repr."""
+    import numpy as np
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value)).clone()
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,7 +108,10 @@ def import_file(path: str):
     folder = str(Path(path).parent)
     if folder not in sys.path:
         sys.path.insert(0, folder)
-    name = "_mlrepro_target_" + Path(path).stem
+    import hashlib
+
+    digest = hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:10]
+    name = f"_mlrepro_target_{Path(path).stem}_{digest}"  # two train.py in two folders stay two modules
     if name in sys.modules:
         return sys.modules[name]
     module_spec = importlib.util.spec_from_file_location(name, path)

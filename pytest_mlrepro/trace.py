@@ -53,20 +53,34 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.view(-1) if t.is_contiguous() else t.reshape(-1)
 
 
+def _compiling() -> bool:
+    """True while torch.compile traces a module: our Python hooks must stay out of its graph."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
+NAMING_STEPS = 8  # keep naming modules for at most this many steps while some parameter has no name
+
+
 def _rng_fp() -> torch.Tensor:
     return fingerprint_many([torch.get_rng_state()])
 
 
 class Tracer:
-    def __init__(self, *, replay_step: Optional[int] = None):
+    def __init__(self, *, replay_step: Optional[int] = None, every: int = 1, stop_after: Optional[int] = None):
+        if every < 1:
+            raise ValueError(f"trace every must be >= 1, got {every}")
         self.replay_step = replay_step
+        self.every = every  # record after steps 0, every, 2*every, ... (the same schedule in every replica)
+        self.stop_after = stop_after  # end the program after this step (a dense re-trace needs no more)
         self.steps = 0
         self.param_names: list[str] = []
         self._param_index: dict[int, int] = {}
         self._params: list[torch.Tensor] = []
-        self._optimizers: list = []  # weakrefs
+        self._optimizers: dict[int, tuple] = {}  # id(optimizer) -> (weakref, index)
         self._opt_indices: list[list[int]] = []
         self._opt_samples: list[list[torch.Tensor]] = []  # per optimizer: sample indices per parameter
+        self._opt_uniform: list[bool] = []  # per optimizer: all parameters of one dtype (one cast per step)
         self._entries: list[tuple[str, int, int]] = []  # (kind, step, optimizer index)
         self._fps: list[torch.Tensor] = []
         self._samples: list[torch.Tensor] = []
@@ -74,6 +88,7 @@ class Tracer:
         self._pending_loss: Optional[torch.Tensor] = None
         self._seen_modules: dict[int, torch.nn.Module] = {}
         self.roots: list[torch.nn.Module] = []
+        self._prefixes: dict[int, str] = {}
         self.module_names: dict[int, str] = {}
         self.rng_at_first_step: Optional[dict] = None
         self._handles: list = []
@@ -121,7 +136,8 @@ class Tracer:
 
     # -- naming ---------------------------------------------------------------------------------
     def _note_module(self, module, args):
-        self._seen_modules.setdefault(id(module), module)
+        if not _compiling():
+            self._seen_modules.setdefault(id(module), module)
 
     def _name_modules(self) -> None:
         """Find root modules among those called so far and name every module and parameter from them."""
@@ -149,22 +165,26 @@ class Tracer:
                     self._param_owner.setdefault(id(p), ((prefix + mname).rstrip("."), type(sub).__name__))
 
     def _root_prefix(self, i: int) -> str:
-        """Name prefix for root i: none when it is the only root holding parameters (a loss module
-        called on its own is a root too, but must not rename the model's parameters)."""
+        """Name prefix for root i, fixed when the root is first seen so names never change: none for
+        the first root holding parameters, ``Type[k].`` for later ones, ``Type.`` for parameter-free
+        roots (a loss module called on its own is a root too, but must not rename the model)."""
         root = self.roots[i]
-        holders = [r for r in self.roots if next(r.parameters(), None) is not None]
-        if next(root.parameters(), None) is None:
-            return f"{type(root).__name__}."
-        if len(holders) <= 1:
-            return ""
-        return f"{type(root).__name__}[{holders.index(root)}]."
+        prefix = self._prefixes.get(id(root))
+        if prefix is None:
+            if next(root.parameters(), None) is None:
+                prefix = f"{type(root).__name__}."
+            else:
+                k = sum(1 for r in self.roots[:i] if next(r.parameters(), None) is not None)
+                prefix = "" if k == 0 else f"{type(root).__name__}[{k}]."
+            self._prefixes[id(root)] = prefix
+        return prefix
 
     def _register_optimizer(self, optimizer) -> int:
-        for i, ref in enumerate(self._optimizers):
-            if ref() is optimizer:
-                return i
-        opt_idx = len(self._optimizers)
-        self._optimizers.append(weakref.ref(optimizer))
+        known = self._optimizers.get(id(optimizer))
+        if known is not None and known[0]() is optimizer:
+            return known[1]
+        opt_idx = len(self._opt_indices)
+        self._optimizers[id(optimizer)] = (weakref.ref(optimizer), opt_idx)
         indices = []
         for g, group in enumerate(optimizer.param_groups):
             for j, p in enumerate(group["params"]):
@@ -178,6 +198,7 @@ class Tracer:
             torch.linspace(0, max(self._params[i].numel() - 1, 0), SAMPLES_PER_TENSOR, device=self._params[i].device).long()
             if self._params[i].numel() else torch.zeros(0, dtype=torch.long, device=self._params[i].device)
             for i in indices])
+        self._opt_uniform.append(len({self._params[i].dtype for i in indices}) <= 1)
         self._name_modules()
         self._record("init", opt_idx)
         return opt_idx
@@ -187,8 +208,11 @@ class Tracer:
         params = [self._params[i].detach() for i in self._opt_indices[opt_idx]]
         with torch.no_grad():
             self._fps.append(word_sum_many(params))
-            self._samples.append(torch.cat([
-                _flat(p).index_select(0, idx).to(torch.float64) for p, idx in zip(params, self._opt_samples[opt_idx])]))
+            picked = [_flat(p).index_select(0, idx) for p, idx in zip(params, self._opt_samples[opt_idx])]
+            if self._opt_uniform[opt_idx]:
+                self._samples.append(torch.cat(picked).to(torch.float64))
+            else:
+                self._samples.append(torch.cat([x.to(torch.float64) for x in picked]))
         self._entries.append((kind, self.steps, opt_idx))
 
     def _pre_step(self, optimizer, args, kwargs):
@@ -198,8 +222,13 @@ class Tracer:
             self.rng_at_first_step = rng_fingerprints()
         opt_idx = self._register_optimizer(optimizer)
         if self._naming_handle is not None and self.replay_step is None:
-            self._naming_handle.remove()  # naming only needs the modules called before the first step
-            self._naming_handle = None
+            # naming needs the modules called before a parameter's first step: keep watching for a
+            # few steps (a second model or a new head may come late), then stop paying for the hook
+            if any(n.startswith("<") for n in self.param_names):
+                self._name_modules()
+            if self.steps >= NAMING_STEPS:
+                self._naming_handle.remove()
+                self._naming_handle = None
         if self.replay_step == self.steps:
             with torch.no_grad():
                 grads = [p.grad for p in (self._params[i] for i in self._opt_indices[opt_idx])]
@@ -213,8 +242,11 @@ class Tracer:
         opt_idx = self._register_optimizer(optimizer)
         self._losses.append(self._pending_loss)
         self._pending_loss = None
-        self._record("step", opt_idx)
+        if self.steps % self.every == 0 or self.replay_step is not None:
+            self._record("step", opt_idx)
         self.steps += 1
+        if self.stop_after is not None and self.steps > self.stop_after:
+            raise ReplayDone()
         if self.replay_step is not None:
             if self.steps == self.replay_step:
                 self._replay_active = True
@@ -224,28 +256,31 @@ class Tracer:
                 raise ReplayDone()
 
     def _replay_pre_forward(self, module, args):
-        if self._replay_active:
+        if self._replay_active and not _compiling():
             self._seen_modules.setdefault(id(module), module)
             self._call_stack.append((module, _fp_of(args), _rng_fp()))
 
     def _replay_post_forward(self, module, args, output):
-        if self._replay_active and self._call_stack and self._call_stack[-1][0] is module:
+        if self._replay_active and not _compiling() and self._call_stack and self._call_stack[-1][0] is module:
             _, in_fp, rng_in = self._call_stack.pop()
             rng_out = _rng_fp()
             self._calls.append({"module": module, "in": in_fp, "out": _fp_of(output), "rng_in": rng_in, "rng_out": rng_out})
 
     # -- results --------------------------------------------------------------------------------
     def final_state(self) -> dict:
-        """Weights to compare when the target returned nothing: the root module's state, else the params."""
-        if len(self.roots) == 1:
-            return {k: v.detach() for k, v in self.roots[0].state_dict().items()}
-        if self.roots:
-            out = {}
-            for i, root in enumerate(self.roots):
-                for k, v in root.state_dict().items():
-                    out[self._root_prefix(i) + k] = v.detach()
-            return out
-        return {name: p.detach() for name, p in zip(self.param_names, self._params)}
+        """Weights to compare when the target returned nothing: the root modules' state (buffers
+        included), plus every trained parameter no root holds (a module first called late)."""
+        out: dict = {}
+        held: set[int] = set()
+        for i, root in enumerate(self.roots):
+            prefix = self._root_prefix(i)
+            for k, v in root.state_dict(keep_vars=True).items():
+                out[prefix + k] = v.detach()
+                held.add(id(v))
+        for name, p in zip(self.param_names, self._params):
+            if id(p) not in held:
+                out.setdefault(name, p.detach())
+        return out
 
     def to_record(self) -> dict:
         """Everything on the host, as plain Python and CPU tensors, for the parent to compare."""
@@ -265,6 +300,7 @@ class Tracer:
             "opt_sample_lens": [[int(idx.numel()) for idx in per_opt] for per_opt in self._opt_samples],
             "losses": losses,
             "steps": self.steps,
+            "every": self.every,
             "rng_at_first_step": self.rng_at_first_step,
             "replay": None,
         }

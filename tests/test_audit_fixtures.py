@@ -61,3 +61,14 @@ def test_the_warn_only_pass_inventories_flagged_ops_with_their_call_site(tmp_pat
     assert "torch flagged: ChunkedMix.forward" in result.cause.detail
     clean = audit("fixtures/mlp_dropout.py:train", device="cpu", workdir=tmp_path / "clean", rootdir=ROOT)
     assert clean.nondeterministic_ops == []
+
+
+def test_a_thinned_trace_still_finds_the_exact_first_step(tmp_path):
+    result = audit("fixtures/late_divergence.py:train", device="cpu", workdir=tmp_path, rootdir=ROOT, trace_every=5)
+    div = result.first_divergence
+    assert (div.step, div.phase, div.module) == (7, "input", "0"), result.explain()
+    assert (tmp_path / "dense-0").is_dir(), "the exact step came from a dense re-trace"
+    recorded = [r["step"] for r in result.step_divergence]
+    assert recorded[:3] == [0, 5, 10]
+    with pytest.raises(ValueError, match="trace_every"):
+        audit("fixtures/late_divergence.py:train", trace_every=0)

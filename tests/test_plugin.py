@@ -203,3 +203,10 @@ def test_the_fixture_records_checkpoint_checks_for_the_summary(project):
     result = project.runpytest_subprocess("--mlrepro", "-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*comparator.direction] fail*", "*= mlrepro =*", "*comparator:val_acc*comparator.direction*fail*"])
+
+
+def test_the_audit_function_is_not_shadowed_by_a_submodule():
+    code = ("import importlib, pkgutil, pytest_mlrepro; "
+            "[importlib.import_module(m.name) for m in pkgutil.iter_modules(pytest_mlrepro.__path__, 'pytest_mlrepro.')]; "
+            "assert callable(pytest_mlrepro.audit) and pytest_mlrepro.audit.__name__ == 'audit', pytest_mlrepro.audit")
+    subprocess.run([sys.executable, "-c", code], check=True)

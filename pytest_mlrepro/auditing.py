@@ -73,6 +73,7 @@ def audit(
     rootdir: Optional[Union[str, os.PathLike]] = None,
     checkpoint: Optional[Any] = None,
     cwd: str = "replica",
+    trace_every: int = 1,
 ) -> AuditResult:
     """Run ``target`` ``runs`` times with the same seed and compare the final weights.
 
@@ -83,15 +84,23 @@ def audit(
     ``cwd``: "replica" runs each replica in its own private folder (``ctx.workdir``; nothing lands in
     your tree and replicas cannot overwrite each other's files), "rootdir" in ``rootdir`` (for
     programs that read data through relative paths; they must not write there in ways that collide).
+    ``trace_every``: fingerprint the weights after every k-th optimizer step (1: every step). A
+    larger k cuts the trace's cost by k; when replicas differ, a dense re-trace up to the first
+    differing recorded step still finds the exact first divergent step.
     Bad arguments raise; a failing target gives a result whose ``error`` says why.
     """
     _validate(runs, isolation, seeding, mode, atol, rtol, max_ulp, timeout, seed)
+    if not isinstance(trace_every, int) or isinstance(trace_every, bool) or trace_every < 1:
+        raise ValueError(f"trace_every must be an integer >= 1, got {trace_every!r}")
     if cwd not in ("replica", "rootdir"):
         raise ValueError(f"cwd must be 'replica' or 'rootdir', got {cwd!r}")
     if checkpoint is not None:
         from .checkpoint_audit import CheckpointSpec
 
         checkpoint = CheckpointSpec.coerce(checkpoint)
+        if cwd == "rootdir":
+            raise ValueError("checkpoint checks need cwd='replica': with cwd='rootdir' every replica writes the "
+                             "same checkpoint file, so their best checkpoints cannot be compared")
     spec = resolve(target, rootdir=rootdir)
     if spec.kind == "callable" and isolation == "process":
         raise TargetError(
@@ -110,7 +119,8 @@ def audit(
     try:
         run = _Audit(spec, result, root, args=tuple(args), kwargs=dict(kwargs or {}), device=device, seeding=seeding,
                      deterministic=deterministic, timeout=timeout, isolation=isolation,
-                     cwd=str(Path(rootdir or Path.cwd()).resolve()) if cwd == "rootdir" else None)
+                     cwd=str(Path(rootdir or Path.cwd()).resolve()) if cwd == "rootdir" else None,
+                     trace_every=trace_every)
         run.execute(localize_divergence=localize_divergence, diagnose=diagnose)
         if checkpoint is not None and result.error is None:
             from .checkpoint_audit import check_audit_checkpoint
@@ -129,8 +139,8 @@ class _Audit:
     """One audit's run: replicas, comparison, localization, diagnosis."""
 
     def __init__(self, spec: TargetSpec, result: AuditResult, root: Path, *, args, kwargs, device, seeding,
-                 deterministic, timeout, isolation, cwd=None):
-        self.cwd = cwd
+                 deterministic, timeout, isolation, cwd=None, trace_every=1):
+        self.cwd, self.trace_every = cwd, trace_every
         self.spec, self.result, self.root = spec, result, root
         self.args, self.kwargs, self.device, self.seeding = args, kwargs, device, seeding
         self.deterministic, self.timeout, self.isolation = deterministic, timeout, isolation
@@ -141,11 +151,13 @@ class _Audit:
             return None
         return pinned or replica_hash_seed(self.result.seed, index)
 
-    def _run(self, index: int, label: str, *, replay_step: Optional[int] = None, hash_seed: Optional[str] = None) -> ReplicaOutput:
+    def _run(self, index: int, label: str, *, replay_step: Optional[int] = None, hash_seed: Optional[str] = None,
+             dense_until: Optional[int] = None) -> ReplicaOutput:
         folder = self.root / f"{label}-{index}"
         spec = ReplicaSpec(target=self.spec, index=index, seed=self.result.seed, seeding=self.seeding, device=self.device,
                            deterministic=self.deterministic, workdir=str(folder / "work"), args=self.args,
                            kwargs=self.kwargs, replay_step=replay_step, cwd=self.cwd,
+                           trace_every=1 if dense_until is not None else self.trace_every, stop_after=dense_until,
                            entropy=replica_entropy(self.result.seed, index))
         return run(spec, folder / "out", isolation=self.isolation, timeout=self.timeout,
                    hash_seed=hash_seed if hash_seed is not None else self._hash_seed(index))
@@ -200,6 +212,11 @@ class _Audit:
                                                       "(a buffer, or a change after the last step)"))
         if td.kind == "init":
             return localize.describe_init(td, traces[0])
+        note = ""
+        if td.kind == "step" and self.trace_every > 1:
+            td, note = self._dense_retrace(td, other)
+            if td.kind == "init":
+                return localize.describe_init(td, traces[0])
         ra = rb = None
         if localize_divergence and td.kind == "step":
             try:
@@ -209,7 +226,22 @@ class _Audit:
                 div = localize.describe_from_replay(td, traces[0], None, None)
                 div.message += f" (the replay failed: {exc})"
                 return div
-        return localize.describe_from_replay(td, traces[0], ra, rb)
+        div = localize.describe_from_replay(td, traces[0], ra, rb)
+        div.message += note
+        return div
+
+    def _dense_retrace(self, td, other):
+        """The coarse trace says "somewhere after the last equal recorded step": re-run both replicas,
+        tracing every step and stopping at the coarse step, to find the exact one."""
+        try:
+            a = self._run(0, "dense", dense_until=td.step).trace()
+            b = self._run(other, "dense", dense_until=td.step).trace()
+        except ReplicaError as exc:
+            return td, f" (traced every {self.trace_every} steps; the dense re-trace failed: {exc})"
+        exact = localize.first_divergence(a, b)
+        if exact is None or exact.kind == "structure":
+            return td, f" (traced every {self.trace_every} steps; the dense re-trace did not reproduce it)"
+        return exact, ""
 
     def _diagnose(self, metas, traces, other, divergence):
         env_diff = environment.differences(metas[0]["environment"], metas[other]["environment"])
@@ -221,14 +253,18 @@ class _Audit:
         return cause
 
     def _pinned_hash_seed_agrees(self, other: int) -> bool:
-        """Experiment: rerun both replicas with one PYTHONHASHSEED; True if their traces then agree."""
+        """Experiment: rerun both replicas with one PYTHONHASHSEED; True if traces and weights then agree."""
+        from .compare import compare_states
+
         pinned = self._hash_seed(0)
         try:
             a = self._run(0, "hashpin", hash_seed=pinned)
             b = self._run(other, "hashpin", hash_seed=pinned)
         except ReplicaError:
             return False
-        return localize.first_divergence(a.trace(), b.trace()) is None
+        if localize.first_divergence(a.trace(), b.trace()) is not None:
+            return False
+        return all(d.equal for d in compare_states(a.weights(), b.weights(), **self.result.comparison))
 
 
 def _merge_ops(metas: list[dict]) -> list[NondeterministicOp]:
