@@ -213,7 +213,7 @@ def cpu_and_wall(training, n: int) -> tuple[float, float]:
     return time.process_time() - cpu, time.perf_counter() - wall
 
 
-def trace_one(size: str, *, reps: int, block_s: float) -> None:
+def trace_one(size: str, *, reps: int, block_s: float, every: int = 1) -> None:
     import torch
 
     from pytest_mlrepro.trace import Tracer
@@ -262,7 +262,7 @@ def trace_one(size: str, *, reps: int, block_s: float) -> None:
             if kind == "plain":
                 timing[kind] = cpu_and_wall(training, steps)
             else:
-                tracer = TimedTracer().install()
+                tracer = TimedTracer(every=every).install()
                 try:
                     time_steps(training, 1)  # registration step, not timed (reported below as one-time cost)
                     TimedTracer.hook_s = 0.0
@@ -278,7 +278,7 @@ def trace_one(size: str, *, reps: int, block_s: float) -> None:
             r["plain"].append(1e3 * timing["plain"][j] / steps)
             r["traced"].append(1e3 * timing["traced"][j] / steps)
     print(f"-- {size}: {n_params:,} parameters in {len(list(training.model.parameters()))} tensors, "
-          f"{reps} x {steps} steps per side")
+          f"{reps} x {steps} steps per side, trace_every={every}")
     for clock, r in results.items():
         label = "process CPU time" if clock == "cpu" else "wall time"
         print(f"  [{label}] untraced step {spread(r['plain'])} ms; traced step {spread(r['traced'])} ms")
@@ -328,7 +328,7 @@ def bench_trace(args) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); blocks of ~{args.block_s:g} s per side, "
           "alternating which side goes first; deterministic settings off on both sides")
     for size in args.sizes.split(","):
-        trace_one(size.strip(), reps=args.reps, block_s=args.block_s)
+        trace_one(size.strip(), reps=args.reps, block_s=args.block_s, every=args.every)
     print(f"load avg at the end: {load_avg()}")
 
 
@@ -457,6 +457,8 @@ def main() -> None:
     p.add_argument("--sizes", default="mlp,cnn,tiny,mlp-b256", help="workload sizes, comma-separated. Default: %(default)r")
     p.add_argument("--reps", type=int, default=60, help="interleaved repetitions per size. Default: %(default)r")
     p.add_argument("--block-s", type=float, default=0.06, help="seconds of training per side and repetition. Default: %(default)r")
+    p.add_argument("--every", type=int, default=1,
+                   help="trace every k-th optimizer step (audit(trace_every=k)). Default: %(default)r")
     p.add_argument("--quick", action="store_true", help="3 repetitions of 0.1 s blocks")
     p = sub.add_parser("load", help="plugin import time and pytest --co with/without the plugin")
     p.add_argument("--reps", type=int, default=15, help="runs of each command. Default: %(default)r")
