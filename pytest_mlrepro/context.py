@@ -1,7 +1,6 @@
 """The ``ctx`` a function target may accept: seed, device, work dir, a metrics logger."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,3 @@ class ReplicaContext:
                 raise TypeError(f"ctx.log: metric {name!r} must be a number, got {type(value).__name__}")
             row[name] = float(value) if not isinstance(value, bool) else value
         self.metrics.append(row)
-
-    @staticmethod
-    def clean(value: float) -> float | str:
-        return value if math.isfinite(value) else str(value)

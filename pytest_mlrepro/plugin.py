@@ -129,9 +129,10 @@ def pytest_runtest_call(item: pytest.Item):
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
     options = config.stash.get(options_key, None)
-    if options is None or not options.enabled or hasattr(config, "workerinput"):
-        if hasattr(config, "workerinput") and options is not None:
-            config.workeroutput["mlrepro_results"] = json.dumps([r.to_dict() for r in config.stash[results_key]])
+    if options is None or not options.enabled:
+        return
+    if hasattr(config, "workerinput"):  # an xdist worker hands its results to the controller, which publishes
+        config.workeroutput["mlrepro_results"] = json.dumps([r.to_dict() for r in config.stash[results_key]])
         return
     results = config.stash[results_key]
     if not results:

@@ -27,10 +27,6 @@ class TargetSpec:
     func: Optional[Callable] = None  # only for in-process callables with no importable reference
 
     @property
-    def by_reference(self) -> bool:
-        return self.func is None
-
-    @property
     def default_seeding(self) -> str:
         return "program" if self.kind == "script" else "harness"
 
