@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -65,6 +66,10 @@ def _catalog_entries(path: Path, device: str) -> list[dict]:
     return entries
 
 
+def _slug(target: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in target).strip("-")
+
+
 def _audit(ns: argparse.Namespace) -> int:
     from .auditing import audit
     from .errors import MlreproError
@@ -78,6 +83,7 @@ def _audit(ns: argparse.Namespace) -> int:
         return 2
     jobs: list[tuple[str, list, Optional[dict]]] = [
         (t, list(ns.args) if t.endswith(".py") else [], None) for t in ns.targets]
+    # a catalog entry may add best-checkpoint checks ("checkpoint": {...}) and expect them to pass or fail ("checks")
     if ns.catalog:
         jobs += [(e["target"], list(e.get("args", [])), e) for e in _catalog_entries(ns.catalog, ns.device)]
     if not jobs:
@@ -89,9 +95,14 @@ def _audit(ns: argparse.Namespace) -> int:
         device = ns.device
         if entry and entry.get("requires") == "cuda":
             device = "cuda"
+        workdir = None
+        if entry and entry.get("checkpoint"):  # kept: the best checkpoint becomes a W&B artifact
+            workdir = ns.out / "runs" / _slug(target)
+            shutil.rmtree(workdir, ignore_errors=True)
         try:
             result = audit(target, args=args, seed=ns.seed, runs=ns.runs, device=device, isolation=ns.isolation,
-                           timeout=ns.timeout, rootdir=rootdir, trace_every=ns.trace_every)
+                           timeout=ns.timeout, rootdir=rootdir, trace_every=ns.trace_every,
+                           checkpoint=(entry or {}).get("checkpoint"), workdir=workdir)
         except (MlreproError, ValueError) as exc:  # a bad target: say so, audit the others
             result = AuditResult(target=str(target), seed=ns.seed, runs=ns.runs, device=device, isolation=ns.isolation,
                                  seeding="-", comparison={}, deterministic=False,
@@ -100,6 +111,9 @@ def _audit(ns: argparse.Namespace) -> int:
         mark = ""
         if entry is not None:
             ok = result.error is None and result.deterministic == entry["deterministic"]
+            if entry.get("checks"):
+                failed = any(f.verdict in ("fail", "error") for f in result.findings)
+                ok = ok and failed == (entry["checks"] == "fail")
             as_expected &= ok
             mark = "  [as expected]" if ok else "  [UNEXPECTED]"
         print(result.summary_line() + mark, flush=True)

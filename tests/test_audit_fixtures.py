@@ -22,9 +22,17 @@ def _params():
 @pytest.mark.parametrize("entry", list(_params()))
 def test_fixture_verdict_step_and_cause(entry, tmp_path):
     device = "cuda" if entry.get("requires") == "cuda" else "cpu"
-    result = audit(entry["target"], args=entry["args"], device=device, workdir=tmp_path, rootdir=ROOT, timeout=240)
+    result = audit(entry["target"], args=entry["args"], device=device, workdir=tmp_path, rootdir=ROOT, timeout=240,
+                   checkpoint=entry.get("checkpoint"))
     assert result.error is None, result.explain()
     assert result.seeding == entry["seeding"]
+    if entry.get("checks"):
+        verdicts = {f.check: f.verdict for f in result.findings}
+        assert set(verdicts) == {"best_checkpoint.history", "best_checkpoint.reload", "best_checkpoint.reproducible"}
+        assert verdicts["best_checkpoint.reproducible"] == "pass"
+        expected = "pass" if entry["checks"] == "pass" else "fail"
+        assert verdicts["best_checkpoint.history"] == verdicts["best_checkpoint.reload"] == expected, result.explain()
+        assert result.verdict == ("deterministic" if expected == "pass" else "failed-checks")
     if entry["deterministic"]:
         assert result.deterministic, result.explain()
         assert result.first_divergence is None and result.cause is None

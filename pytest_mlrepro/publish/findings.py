@@ -45,9 +45,10 @@ def best_checkpoint(result) -> Optional[BestCheckpoint]:
     """The best checkpoint of ``result``: from ``best_checkpoint.reload``, else from the history check.
 
     None when neither check names a best epoch (a reload that found no checkpoint records
-    ``best_epoch: None``). The metrics at the best epoch come from the reload check's
-    ``recorded_metrics``, else from the history check's entry for that epoch. Raises
-    ``PublishError`` naming the check and key when a detail has the wrong type.
+    ``best_epoch: None``). The metrics at the best epoch come from the logged history's entry for
+    that epoch (what really happened then), else from the reload check's ``recorded_metrics`` (what
+    the checkpoint claims: the very thing a broken checkpoint gets wrong). Raises ``PublishError``
+    naming the check and key when a detail has the wrong type.
     """
     reload = _finding(result, RELOAD_CHECK)
     history = _finding(result, HISTORY_CHECK)
@@ -60,7 +61,7 @@ def best_checkpoint(result) -> Optional[BestCheckpoint]:
         if metrics is not None and not isinstance(metrics, dict):
             raise PublishError(f"finding {check!r}: details['recorded_metrics'] must be a dict of the metrics at "
                                f"best epoch {epoch}, got {type(metrics).__name__}")
-        if not metrics and history is not None:
+        if history is not None:
             rows = history.details.get("history") or []
             if not isinstance(rows, list):
                 raise PublishError(f"finding {HISTORY_CHECK!r}: details['history'] must be a list of per-epoch dicts")

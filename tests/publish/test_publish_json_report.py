@@ -153,3 +153,25 @@ def test_every_field_is_documented_and_every_documented_field_exists(published):
     paths = actual_paths(report, "", open_paths, set()) - {""}
     assert paths - set(doc_fields) == set(), "fields missing from docs/report-schema.md"
     assert set(doc_fields) - paths == set(), "documented fields the published report lacks"
+
+
+def test_best_checkpoint_metrics_come_from_the_history_not_the_checkpoints_claim():
+    """A broken checkpoint records the last epoch's metrics; the published best metrics must be the
+    logged metrics of the best epoch, or the publisher repeats the bug it reports."""
+    from pytest_mlrepro.publish.findings import best_checkpoint
+    from pytest_mlrepro.result import AuditResult, Finding
+
+    history = [{"epoch": e, "val_loss": v, "val_mae": v / 2} for e, v in enumerate([0.9, 0.5, 0.2, 0.4, 0.8])]
+    findings = [
+        Finding("best_checkpoint.history", "fail", "co-metrics from epoch 4",
+                {"monitor": "val_loss", "mode": "min", "best_epoch": 2, "argbest_epoch": 2, "history": history}),
+        Finding("best_checkpoint.reload", "fail", "recorded 0.8, re-evaluated 0.2",
+                {"checkpoint_path": "best.pt", "monitor": "val_loss", "mode": "min", "best_epoch": 2,
+                 "recorded_metrics": {"val_loss": 0.8, "val_mae": 0.4}}),
+    ]
+    result = AuditResult(target="t.py:train", seed=0, runs=2, device="cpu", isolation="process", seeding="harness",
+                         comparison={"mode": "bitwise"}, deterministic=True, findings=findings)
+    best = best_checkpoint(result)
+    assert best.best_epoch == 2 and best.recorded_metrics == {"val_loss": 0.2, "val_mae": 0.1}
+    findings.pop(0)  # no history logged: the checkpoint's own record is all there is
+    assert best_checkpoint(result).recorded_metrics == {"val_loss": 0.8, "val_mae": 0.4}
