@@ -101,3 +101,22 @@ def test_the_cli_passes_args_to_scripts_only_and_goes_on_after_a_bad_target(tmp_
     assert "train_with_helper.py: deterministic" in out
     assert "missing.py: error: TargetError" in out
     assert (tmp_path / "report.json").is_file()
+
+
+def test_mlrepro_publish_names_a_bad_spec_and_fails(tmp_path, capsys):
+    from pytest_mlrepro.cli import main
+
+    assert main(["publish", str(tmp_path / "missing.json")]) == 1
+    assert "missing.json" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{not json")
+    assert main(["publish", str(tmp_path / "bad.json")]) == 1
+    assert "not JSON" in capsys.readouterr().err
+
+
+def test_mlrepro_audit_usage_errors(capsys):
+    from pytest_mlrepro.cli import main
+
+    assert main(["audit"]) == 2
+    assert "nothing to audit" in capsys.readouterr().err
+    assert main(["audit", "x.py", "--expect"]) == 2
+    assert "--expect needs --catalog" in capsys.readouterr().err

@@ -210,3 +210,40 @@ def test_the_audit_function_is_not_shadowed_by_a_submodule():
             "[importlib.import_module(m.name) for m in pkgutil.iter_modules(pytest_mlrepro.__path__, 'pytest_mlrepro.')]; "
             "assert callable(pytest_mlrepro.audit) and pytest_mlrepro.audit.__name__ == 'audit', pytest_mlrepro.audit")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_audit_option_reaches_the_audit(project):
+    project.makepyfile(test_opts="""
+        def test_audit(mlrepro):
+            result = mlrepro.audit("tiny.py:train")
+            env = result.environment
+            print("RESULT", result.runs, result.seed, result.isolation, result.device,
+                  env["use_deterministic_algorithms"], len(result.replicas), result.step_divergence[-1]["step"])
+    """)
+    result = project.runpytest_subprocess(
+        "--mlrepro", "-s", "-p", "no:cacheprovider", "--mlrepro-runs", "3", "--mlrepro-seed", "4",
+        "--mlrepro-isolation", "inprocess", "--mlrepro-device", "cpu", "--mlrepro-deterministic", "false",
+        "--mlrepro-trace-every", "2", "--mlrepro-timeout", "120")
+    result.assert_outcomes(passed=1)
+    # 3 optimizer steps traced every 2nd: the last recorded step is step 2
+    result.stdout.fnmatch_lines(["*RESULT 3 4 inprocess cpu False 3 2*"])
+
+
+def test_wandb_options_place_the_offline_run(project, tmp_path):
+    project.makepyfile(test_w="""
+        def test_audit(mlrepro):
+            mlrepro.audit("tiny.py:train", isolation="inprocess")
+    """)
+    wdir = tmp_path / "wb"
+    wdir.mkdir()
+    result = project.runpytest_subprocess("--mlrepro", "-p", "no:cacheprovider", "--mlrepro-wandb", "offline",
+                                          f"--mlrepro-wandb-dir={wdir}", "--mlrepro-wandb-project", "proj-x",
+                                          "--mlrepro-wandb-tags", "ci,nightly")
+    result.assert_outcomes(passed=1)
+    from pytest_mlrepro.publish.wandb_reader import read_run
+
+    runs = sorted((wdir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    run = read_run(runs[0])
+    assert run.project == "proj-x" and list(run.tags) == ["ci", "nightly"]
+    assert run.summary["verdict"] == "deterministic"
