@@ -63,7 +63,12 @@ NAMING_STEPS = 8  # keep naming modules for at most this many steps while some p
 
 
 def _rng_fp() -> torch.Tensor:
-    return fingerprint_many([torch.get_rng_state()])
+    """Fingerprint of torch's CPU generator, and of the current CUDA generator once CUDA is in use
+    (dropout on a GPU draws from the latter). Replay only: the cost does not matter there."""
+    states = [torch.get_rng_state()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states.append(torch.cuda.get_rng_state())
+    return fingerprint_many([torch.cat(states)]) if len(states) > 1 else fingerprint_many(states)
 
 
 class Tracer:
