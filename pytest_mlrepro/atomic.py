@@ -21,6 +21,12 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write: Callable[[str], None], *, fsync: bool = True, make_parents: bool = False) -> int:
     """Write through ``write(tmp_path)`` to a temp file beside ``path``, then replace ``path``.
 
@@ -33,7 +39,10 @@ def atomic_write(path, write: Callable[[str], None], *, fsync: bool = True, make
     elif not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:  # mkstemp makes the file private (0600); give it the mode a plain open() would, or the old file's
+        os.fchmod(fd, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
+    finally:
+        os.close(fd)
     try:
         write(tmp)
         if fsync:

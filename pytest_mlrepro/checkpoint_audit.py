@@ -51,7 +51,7 @@ def _absolute_reference(ref: str, rootdir: Path) -> str:
 def check_audit_checkpoint(spec: CheckpointSpec, replica_workdirs: list[Path], *, rootdir: Path,
                            deterministic: bool, timeout: Optional[float]) -> list[Finding]:
     from .checkpoint.reload import check_reload
-    from .checkpoint.storage import CheckpointError, load_checkpoint
+    from .checkpoint.storage import CheckpointError, load_checkpoint, weights_sha256
 
     paths = [Path(w) / spec.path for w in replica_workdirs]
     findings = list(check_reload(
@@ -64,12 +64,19 @@ def check_audit_checkpoint(spec: CheckpointSpec, replica_workdirs: list[Path], *
         if history:
             f.details.setdefault("stopped_epoch", history[-1].get("epoch", len(history) - 1))
     metas = []
-    for p in paths:
+    for i, p in enumerate(paths):
         try:
-            metas.append(load_checkpoint(p)[1] or {})
+            state, meta = load_checkpoint(p)
         except CheckpointError as exc:
-            findings.append(Finding(REPRODUCIBLE, "error", f"best checkpoint of a replica unusable: {exc}", {"checkpoint_path": str(p)}))
+            findings.append(Finding(REPRODUCIBLE, "error", f"best checkpoint of replica {i} unusable: {exc}",
+                                    {"checkpoint_path": str(p), "replica": i}))
             return findings
+        if not meta:
+            findings.append(Finding(REPRODUCIBLE, "fail", f"{p}: the best checkpoint of replica {i} has no metadata "
+                                    "(epoch, metrics, weights hash) to compare", {"checkpoint_path": str(p), "replica": i}))
+            return findings
+        meta = dict(meta, weights_sha256=weights_sha256(state))  # what the file holds, not what it claims
+        metas.append(meta)
     keys = ("epoch", "weights_sha256", "metrics")
     first = {k: metas[0].get(k) for k in keys}
     for i, meta in enumerate(metas[1:], start=1):

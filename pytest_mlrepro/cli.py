@@ -2,7 +2,7 @@
 
     mlrepro audit fixtures/mlp_dropout.py:train fixtures/time_seed.py --report out/report.json
     mlrepro audit --catalog fixtures/catalog.json --expect      # the example trainings
-    mlrepro publish mlrepro-out/wandb-report-<session>.json    # after `wandb sync`, create the Report
+    mlrepro publish mlrepro-out/wandb/mlrepro-report-<session>.json   # after `wandb sync`, create the Report
 
 Exit status of ``audit``: 0 when every audit is deterministic and every check passed (with
 ``--expect``: when every verdict is the one the catalog expects), 1 otherwise, 2 on bad usage.

@@ -54,7 +54,7 @@ _MIN_PATTERNS = (
 _MAX_PATTERNS = (
     re.compile(r"^top_?\d+(_?(acc|accuracy))?$"),
     re.compile(r"^(ndcg|map|mrr|precision|recall|hit|hits|hit_rate|accuracy|acc|f1)(@|_at_|_at|_)?\d+$"),
-    re.compile(r"^rouge_?[0-9l]\w*$"),
+    re.compile(r"^rouge_?(\d+|l|lsum)(_(f|f1|fmeasure|precision|recall))?$"),
     re.compile(r"^(f1|auc|auroc|accuracy|acc|precision|recall)_(macro|micro|weighted|samples|binary)$"),
 )
 
@@ -107,19 +107,31 @@ def _candidates(n: str):
                 yield stripped[: -len(s)]
 
 
-def infer_direction(name: str) -> str:
-    """Return ``"min"`` or ``"max"`` for a known metric name; raise ``ValueError`` otherwise.
-
-    Understands ``val_``/``valid_``/``validation_``/``eval_``/``test_``/``train_`` prefixes,
-    ``a/b`` paths (the last part counts), Keras's ``_1`` de-duplication suffix, Lightning's
-    ``_epoch``/``_step`` suffixes and any letter case. Never guesses from substrings.
-    """
-    n = normalize_metric_name(name)
+def _direction_of(n: str) -> str | None:
     for cand in _candidates(n):
         for form in (cand, _strip_prefixes(cand)):
             mode = _lookup(form)
             if mode is not None:
                 return mode
+    return None
+
+
+def infer_direction(name: str) -> str:
+    """Return ``"min"`` or ``"max"`` for a known metric name; raise ``ValueError`` otherwise.
+
+    Understands ``val_``/``valid_``/``validation_``/``eval_``/``test_``/``train_`` prefixes,
+    ``a/b`` paths (the last part counts; when it is no metric, as in TensorBoard's ``loss/val``, the
+    other parts may name it, and must then agree), Keras's ``_1`` de-duplication suffix,
+    Lightning's ``_epoch``/``_step`` suffixes and any letter case. Never guesses from substrings.
+    """
+    n = normalize_metric_name(name)
+    mode = _direction_of(n)
+    if mode is not None:
+        return mode
+    parts = [normalize_metric_name(p) for p in name.split("/")[:-1] if p.strip()]
+    found = {m for m in map(_direction_of, parts) if m is not None}
+    if len(found) == 1:
+        return found.pop()
     raise ValueError(
         f"cannot infer whether metric {name!r} should be minimised or maximised: it is not in the "
         f"direction table (normalised to {n!r}). Pass mode='min' or mode='max' explicitly."

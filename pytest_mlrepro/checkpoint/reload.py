@@ -118,6 +118,22 @@ def _metrics_of(entry: dict) -> dict:
     return {k: v for k, v in entry.items() if k not in ("epoch", "step")}
 
 
+def _metadata_problem(meta: dict, mode: str, tolerance: float) -> str | None:
+    """What makes a checkpoint's metadata unusable for the contract, or None."""
+    import math
+
+    epoch = meta.get("epoch")
+    if not isinstance(epoch, int) or isinstance(epoch, bool):
+        return f"metadata records no integer best epoch (epoch={epoch!r})"
+    if not isinstance(meta.get("metrics"), dict):
+        return f"metadata of epoch {epoch}: 'metrics' must be a dict of every metric of that epoch, got {meta.get('metrics')!r}"
+    if mode not in ("min", "max"):
+        return f"metadata of epoch {epoch}: mode must be 'min' or 'max', got {mode!r}"
+    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
+        return f"tolerance must be a finite number >= 0, got {tolerance!r}"
+    return None
+
+
 def _check_history(path: Path, meta: dict, monitor: str, mode: str, history, origin) -> Finding:
     from pytest_mlrepro.checkpoint.oracle import StopSpec, simulate
 
@@ -135,17 +151,21 @@ def _check_history(path: Path, meta: dict, monitor: str, mode: str, history, ori
             return Finding(HISTORY, "fail", f"{origin}: metric {monitor!r} at epoch {e} is not a number: "
                                             f"{entry[monitor]!r}", details)
     try:
-        spec = StopSpec(mode, 0, float(meta.get("min_delta") or 0.0), meta.get("baseline"),
-                        int(meta.get("start_from_epoch") or 0), "ignore")
+        start = int(meta.get("start_from_epoch") or 0)
+        spec = StopSpec(mode, 0, float(meta.get("min_delta") or 0.0), meta.get("baseline"), 0, "ignore")
     except (TypeError, ValueError) as exc:
         return Finding(HISTORY, "error", f"{path}: metadata describes an invalid spec: {exc}", details)
-    outcome = simulate(values, spec)
-    argbest = epochs[outcome.best_epoch] if outcome.best_epoch is not None else None
+    # start_from_epoch counts the epochs as logged (users number them from 0 or from 1): drop the
+    # earlier ones and let the oracle see the rest, then map its answer back to logged epochs
+    kept = [i for i, e in enumerate(epochs) if not isinstance(e, (int, float)) or e >= start]
+    outcome = simulate([values[i] for i in kept], spec)
+    best_index = kept[outcome.best_epoch] if outcome.best_epoch is not None else None
+    argbest = epochs[best_index] if best_index is not None else None
     details["argbest_epoch"] = argbest
     if argbest != best_epoch:
-        where = (f"epoch {argbest} ({monitor}={values[outcome.best_epoch]!r})" if argbest is not None
+        where = (f"epoch {argbest} ({monitor}={values[best_index]!r})" if argbest is not None
                  else "no epoch at all")
-        recorded = meta.get("metrics", {}).get(monitor)
+        recorded = (meta.get("metrics") or {}).get(monitor)
         return Finding(HISTORY, "fail",
                        f"{path}: checkpoint metadata says best epoch {best_epoch} ({monitor}={recorded!r}), but under "
                        f"mode={mode!r} the logged history ({origin}) makes {where} the best", details)
@@ -297,6 +317,9 @@ def check_reload(checkpoint_path, *, evaluate, model_factory, history=None, data
     best_epoch = meta.get("epoch")
     recorded = meta.get("metrics")
     details.update(monitor=monitor, mode=mode, best_epoch=best_epoch, recorded_metrics=recorded)
+    problem = _metadata_problem(meta, mode, tol)
+    if problem:
+        return [Finding(RELOAD, "fail", f"{path}: {problem}", details)]
     findings = []
 
     try:

@@ -26,6 +26,12 @@ class BestCheckpoint:
     recorded_metrics: dict = field(default_factory=dict)  # every metric at the best epoch
     checkpoint_path: Optional[str] = None
     source: str = RELOAD_CHECK  # the check whose details these came from
+    checkpoint_epoch: Optional[int] = None  # the epoch the saved file holds (differs from best_epoch when broken)
+    checkpoint_metrics: dict = field(default_factory=dict)  # the logged metrics of that epoch
+
+    @property
+    def is_best(self) -> bool:
+        return self.checkpoint_epoch is None or self.checkpoint_epoch == self.best_epoch
 
 
 def _finding(result, check: str):
@@ -42,35 +48,51 @@ def _int_epoch(value, check: str, key: str) -> int:
 
 
 def best_checkpoint(result) -> Optional[BestCheckpoint]:
-    """The best checkpoint of ``result``: from ``best_checkpoint.reload``, else from the history check.
+    """The best epoch of ``result`` and the checkpoint file that claims to hold it.
 
-    None when neither check names a best epoch (a reload that found no checkpoint records
-    ``best_epoch: None``). The metrics at the best epoch come from the logged history's entry for
-    that epoch (what really happened then), else from the reload check's ``recorded_metrics`` (what
-    the checkpoint claims: the very thing a broken checkpoint gets wrong). Raises ``PublishError``
-    naming the check and key when a detail has the wrong type.
+    The best epoch is the history check's arg-best (what the logged metrics say), else the epoch the
+    checkpoint records. Its metrics come from the logged history's row for that epoch, else from the
+    reload check's ``recorded_metrics`` (what the checkpoint claims: the very thing a broken checkpoint
+    gets wrong). ``checkpoint_epoch`` is the epoch the file records; when it is not the best epoch the
+    publisher must not call the file "best". None when no check names an epoch. Raises
+    ``PublishError`` naming the check and key when a detail has the wrong type.
     """
     reload = _finding(result, RELOAD_CHECK)
     history = _finding(result, HISTORY_CHECK)
+    rows = []
+    if history is not None:
+        rows = history.details.get("history") or []
+        if not isinstance(rows, list):
+            raise PublishError(f"finding {HISTORY_CHECK!r}: details['history'] must be a list of per-epoch dicts")
+    claimed = None
+    source = None
     for f, check in ((reload, RELOAD_CHECK), (history, HISTORY_CHECK)):
-        if f is None or f.details.get("best_epoch") is None:
-            continue
-        d = f.details
-        epoch = _int_epoch(d["best_epoch"], check, "best_epoch")
-        metrics = d.get("recorded_metrics") if check == RELOAD_CHECK else None
-        if metrics is not None and not isinstance(metrics, dict):
-            raise PublishError(f"finding {check!r}: details['recorded_metrics'] must be a dict of the metrics at "
-                               f"best epoch {epoch}, got {type(metrics).__name__}")
-        if history is not None:
-            rows = history.details.get("history") or []
-            if not isinstance(rows, list):
-                raise PublishError(f"finding {HISTORY_CHECK!r}: details['history'] must be a list of per-epoch dicts")
-            row = _history_row(rows, epoch)
-            if row is not None:
-                metrics = {k: v for k, v in row.items() if k not in ("epoch", "step")}
-        path = d.get("checkpoint_path") if check == RELOAD_CHECK else None
-        return BestCheckpoint(epoch, d.get("monitor"), d.get("mode"), dict(metrics or {}), path, check)
-    return None
+        if f is not None and f.details.get("best_epoch") is not None:
+            claimed, source = _int_epoch(f.details["best_epoch"], check, "best_epoch"), check
+            break
+    argbest = history.details.get("argbest_epoch") if history is not None else None
+    best_epoch = _int_epoch(argbest, HISTORY_CHECK, "argbest_epoch") if argbest is not None else claimed
+    if best_epoch is None:
+        return None
+    recorded = reload.details.get("recorded_metrics") if reload is not None else None
+    if recorded is not None and not isinstance(recorded, dict):
+        raise PublishError(f"finding {RELOAD_CHECK!r}: details['recorded_metrics'] must be a dict of the metrics at "
+                           f"best epoch {claimed}, got {type(recorded).__name__}")
+
+    def logged(epoch):
+        row = _history_row(rows, epoch) if epoch is not None else None
+        return None if row is None else {k: v for k, v in row.items() if k not in ("epoch", "step")}
+
+    best_metrics = logged(best_epoch)
+    if best_metrics is None:
+        best_metrics = dict(recorded or {}) if best_epoch == claimed else {}
+    checkpoint_metrics = logged(claimed)
+    if checkpoint_metrics is None:
+        checkpoint_metrics = dict(recorded or {})
+    details = (reload or history).details
+    path = reload.details.get("checkpoint_path") if source == RELOAD_CHECK else None  # a reload that found a file
+    return BestCheckpoint(best_epoch, details.get("monitor"), details.get("mode"), best_metrics, path,
+                          source or HISTORY_CHECK, claimed, checkpoint_metrics)
 
 
 def _history_row(history: list, epoch: int) -> Optional[dict]:

@@ -132,6 +132,8 @@ def run_summary(result) -> dict:
             s["best_mode"] = best.mode
         for k, v in best.recorded_metrics.items():
             s[f"best_{k}"] = v
+        if not best.is_best:
+            s["checkpoint_epoch"] = best.checkpoint_epoch
     stop = early_stop_epoch(result)
     if stop is not None:
         s["early_stop_epoch"] = stop
@@ -184,9 +186,10 @@ def artifact_name(target: str) -> str:
 
 
 def artifact_metadata(result) -> Optional[dict]:
-    """The best checkpoint artifact's metadata: exactly the metrics recorded at the best epoch."""
+    """The checkpoint artifact's metadata: the logged metrics of the epoch the file holds, which are
+    exactly the metrics at the best epoch when the file is the best (it is aliased ``best`` then)."""
     best = best_checkpoint(result)
-    return None if best is None else _jsonable(dict(best.recorded_metrics))
+    return None if best is None else _jsonable(dict(best.checkpoint_metrics if not best.is_best else best.recorded_metrics))
 
 
 # --- talking to wandb ------------------------------------------------------------------------
@@ -367,16 +370,21 @@ def _publish_one(wandb, result, config: PublishConfig, mode: str, *, session_id,
             run.summary[k] = v
         art_ref = None
         if ckpt is not None:
+            if best.is_best:
+                description = f"best checkpoint of {result.target}: epoch {best.best_epoch}"
+            else:  # never alias as "best" a file the history shows is not
+                description = (f"checkpoint saved as best by {result.target}, but it holds epoch "
+                               f"{best.checkpoint_epoch}; the logged history's best is epoch {best.best_epoch}")
             art = wandb.Artifact(
                 artifact_name(result.target),
                 type="model",
-                description=(f"best checkpoint of {result.target}: epoch {best.best_epoch}"
-                             + (f", monitor {best.monitor} ({best.mode})" if best.monitor else "")),
+                description=description + (f", monitor {best.monitor} ({best.mode})" if best.monitor else ""),
                 metadata=artifact_metadata(result),
             )
             art.add_file(str(ckpt), name=ckpt.name)
-            run.log_artifact(art, aliases=["best"])
-            art_ref = f"{art.name}:best"
+            alias = "best" if best.is_best else "claimed-best"
+            run.log_artifact(art, aliases=[alias])
+            art_ref = f"{art.name}:{alias}"
         info = WandbRun(target=result.target, run_id=run.id, name=result.target[:128], mode=mode,
                         run_dir=Path(run.dir).parent, url=run.url if mode == "online" else None, artifact=art_ref)
         try:
@@ -393,8 +401,9 @@ def _publish_one(wandb, result, config: PublishConfig, mode: str, *, session_id,
                 run.finish(exit_code=1)
         for d in _run_dirs(root) - before:  # nothing half-written: a failed run leaves no dir to sync
             shutil.rmtree(d, ignore_errors=True)
-        latest = root / "wandb" / "latest-run"
-        if latest.is_symlink() and not latest.exists():
-            with contextlib.suppress(OSError):
-                latest.unlink()
+        wandb_dir = root / "wandb"  # latest-run, debug.log, debug-internal.log may point into the removed run
+        for entry in (wandb_dir.iterdir() if wandb_dir.is_dir() else ()):
+            if entry.is_symlink() and not entry.exists():
+                with contextlib.suppress(OSError):
+                    entry.unlink()
         raise

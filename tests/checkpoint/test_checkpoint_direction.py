@@ -34,3 +34,21 @@ def test_unknown_names_raise_and_ask_for_mode(name):
 def test_not_a_name(bad):
     with pytest.raises(ValueError):
         infer_direction(bad)
+
+
+@pytest.mark.parametrize("name", ["rouge_loss", "val_rouge_loss", "rougelogits", "loss_rouge"])
+def test_names_that_only_start_like_a_table_entry_raise(name):
+    with pytest.raises(ValueError, match="mode"):
+        infer_direction(name)
+
+
+@pytest.mark.parametrize("name, mode", [("loss/val", "min"), ("acc/valid", "max"), ("val/loss", "min"),
+                                        ("train/epoch_1/accuracy", "max")])
+def test_tensorboard_style_paths(name, mode):
+    assert infer_direction(name) == mode
+
+
+@pytest.mark.parametrize("name", ["loss/acc/x", "x/y", "runs/val"])
+def test_paths_whose_parts_disagree_or_name_nothing_raise(name):
+    with pytest.raises(ValueError):
+        infer_direction(name)

@@ -182,3 +182,40 @@ def test_malicious_pickle_is_refused_by_the_reload_check(tmp_path, training):
         rel = f["best_checkpoint.reload"]
         assert rel.verdict == "fail" and "refused" in rel.message and rel.details["refused"] and str(path) in rel.message
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("metrics", None, "'metrics' must be a dict"),
+    ("metrics", [1.0], "'metrics' must be a dict"),
+    ("epoch", None, "no integer best epoch"),
+    ("epoch", "5", "no integer best epoch"),
+    ("mode", "minimize", "mode must be 'min' or 'max'"),
+])
+def test_malformed_metadata_is_a_finding_not_a_crash(good_run, tmp_path, training, field, value, message):
+    path = _copy(good_run, tmp_path)
+    state, meta = load_checkpoint(path)
+    meta[field] = value
+    save_checkpoint(path, state, meta)
+    f = _reload(path, training)["best_checkpoint.reload"]
+    assert f.verdict == "fail" and message in f.message and str(path) in f.message
+
+
+def test_bad_tolerance_is_a_finding(good_run, training):
+    f = by_check(check_reload(good_run["checkpoint"], evaluate=training.evaluate, model_factory=training.make_model,
+                              fresh_process=False, deterministic=False, tolerance=-1.0))["best_checkpoint.reload"]
+    assert f.verdict == "fail" and "tolerance must be" in f.message
+
+
+def test_epochs_numbered_from_one_with_start_from_epoch(tmp_path, training):
+    """Keras/HF/fastai users log epochs from 1: start_from_epoch counts logged epochs, not list positions."""
+    from pytest_mlrepro.checkpoint.callbacks import BestCheckpoint
+
+    model = training.make_model()
+    ckpt = BestCheckpoint("val_loss", dirpath=tmp_path, start_from_epoch=2, fsync=False)
+    for epoch, v in zip((1, 2, 3, 4), (0.1, 0.5, 0.7, 0.9)):
+        ckpt.on_epoch_end(epoch, {"val_loss": v}, model)
+    assert ckpt.best_epoch == 2
+    f = by_check(check_reload(ckpt.path, evaluate=lambda m: {"val_loss": 0.5}, model_factory=training.make_model,
+                              fresh_process=False))
+    assert f["best_checkpoint.history"].verdict == "pass", f["best_checkpoint.history"].message
+    assert f["best_checkpoint.history"].details["argbest_epoch"] == 2

@@ -175,3 +175,26 @@ def test_best_checkpoint_metrics_come_from_the_history_not_the_checkpoints_claim
     assert best.best_epoch == 2 and best.recorded_metrics == {"val_loss": 0.2, "val_mae": 0.1}
     findings.pop(0)  # no history logged: the checkpoint's own record is all there is
     assert best_checkpoint(result).recorded_metrics == {"val_loss": 0.8, "val_mae": 0.4}
+
+
+def test_a_checkpoint_that_is_not_the_best_is_not_published_as_best():
+    """The history check failed: the file holds epoch 4, the logged best is epoch 2. The summary's
+    best_<metric> keys describe epoch 2; the file keeps its own epoch's metrics and is not 'best'."""
+    from pytest_mlrepro.publish.findings import best_checkpoint
+    from pytest_mlrepro.publish.wandb_publish import artifact_metadata, run_summary
+    from pytest_mlrepro.result import AuditResult, Finding
+
+    history = [{"epoch": e, "val_loss": v} for e, v in enumerate([0.9, 0.5, 0.4, 0.45, 0.47])]
+    findings = [
+        Finding("best_checkpoint.history", "fail", "", {"monitor": "val_loss", "mode": "min", "best_epoch": 4,
+                                                      "argbest_epoch": 2, "history": history}),
+        Finding("best_checkpoint.reload", "pass", "", {"checkpoint_path": "best.pt", "monitor": "val_loss", "mode": "min",
+                                                     "best_epoch": 4, "recorded_metrics": {"val_loss": 0.47}}),
+    ]
+    result = AuditResult(target="t.py:train", seed=0, runs=2, device="cpu", isolation="process", seeding="harness",
+                         comparison={"mode": "bitwise"}, deterministic=True, findings=findings)
+    best = best_checkpoint(result)
+    assert (best.best_epoch, best.checkpoint_epoch, best.is_best) == (2, 4, False)
+    summary = run_summary(result)
+    assert summary["best_epoch"] == 2 and summary["best_val_loss"] == 0.4 and summary["checkpoint_epoch"] == 4
+    assert artifact_metadata(result) == {"val_loss": 0.47}

@@ -98,7 +98,8 @@ def test_a_failure_inside_a_run_removes_the_run(tmp_path, sample_results, wandb_
     assert outcome.runs == []
     wandb_dir = tmp_path / "wb" / "wandb"
     assert [p.name for p in wandb_dir.iterdir() if "run-" in p.name] == []
-    assert not (wandb_dir / "latest-run").is_symlink()
+    dangling = [p.name for p in wandb_dir.iterdir() if p.is_symlink() and not p.exists()]
+    assert dangling == []  # latest-run, debug.log, debug-internal.log pointed into the removed run
 
 
 def test_malformed_finding_details_fail_before_any_run_starts(tmp_path, sample_results, wandb_home):
