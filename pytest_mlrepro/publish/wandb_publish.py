@@ -20,6 +20,7 @@ from typing import Optional
 
 from ..result import _jsonable
 from .config import PublishConfig
+from ..envvars import patched_environ
 from .findings import best_checkpoint, early_stop_epoch
 from .plots import target_slug
 
@@ -195,20 +196,9 @@ def artifact_metadata(result) -> Optional[dict]:
 # --- talking to wandb ------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
 def _quiet_wandb_env():
     """Keep wandb from printing into pytest's output while we publish; restore the caller's env."""
-    saved = {k: os.environ.get(k) for k in ("WANDB_SILENT", "WANDB_CONSOLE")}
-    os.environ["WANDB_SILENT"] = "true"
-    os.environ["WANDB_CONSOLE"] = "off"
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return patched_environ({"WANDB_SILENT": "true", "WANDB_CONSOLE": "off"})
 
 
 def check_wandb_dir(path: Path) -> Optional[str]:

@@ -29,12 +29,12 @@ import base64
 import contextlib
 import hashlib
 import math
-import os
 import sys
 from pathlib import Path
 
 from pytest_mlrepro.checkpoint.adapters import as_float, quiet, require
 from pytest_mlrepro.result import Finding
+from pytest_mlrepro.envvars import patched_environ
 
 __all__ = ["CHECK", "check_fastai_wandb_best_metadata", "metadata_differences"]
 
@@ -329,18 +329,8 @@ def _offline_wandb_env(tmpdir: Path):
            "WANDB_DATA_DIR": str(home / "data"), "WANDB_ARTIFACT_DIR": str(home / "artifacts")}
     for p in (wandb_dir, *(Path(env[k]) for k in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"))):
         p.mkdir(parents=True, exist_ok=True)
-    saved = {k: os.environ.get(k) for k in (*env, *_WANDB_ENV_CLEARED)}
-    try:
-        for k in _WANDB_ENV_CLEARED:
-            os.environ.pop(k, None)
-        os.environ.update(env)
+    with patched_environ(env, clear=_WANDB_ENV_CLEARED):
         yield wandb_dir
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @contextlib.contextmanager
