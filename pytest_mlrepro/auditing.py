@@ -113,7 +113,7 @@ def audit(
     result = AuditResult(target=spec.display, seed=seed, runs=runs, device=device, isolation=isolation,
                          seeding=seeding, comparison=comparison, deterministic=False)
     owned = workdir is None
-    root = Path(tempfile.mkdtemp(prefix="mlrepro-")) if owned else Path(workdir)
+    root = Path(tempfile.mkdtemp(prefix="mlrepro-")) if owned else Path(workdir).resolve()  # replicas run elsewhere
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:

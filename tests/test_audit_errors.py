@@ -167,3 +167,11 @@ def test_cwd_is_the_private_workdir_by_default_and_rootdir_on_request(tmp_path, 
     assert os.getcwd() == before
     with pytest.raises(ValueError, match="cwd must be"):
         audit(f"{TINY}:train", cwd="here")
+
+
+def test_a_relative_workdir_works(tmp_path, monkeypatch):
+    """Replicas run with their own cwd: a relative workdir must mean the caller's folder, not theirs."""
+    monkeypatch.chdir(tmp_path)
+    result = audit(f"{TINY}:train", workdir="rel/audit")
+    assert result.error is None and result.deterministic, result.explain()
+    assert (tmp_path / "rel" / "audit" / "replica-0" / "out" / "weights.pt").is_file()
