@@ -14,6 +14,7 @@ the behaviour the framework adapters are compared against. Call them at the end 
 from __future__ import annotations
 
 import math
+import operator
 import time
 from pathlib import Path
 
@@ -127,24 +128,31 @@ class BestCheckpoint:
     """Save the model only when ``monitor`` improves, atomically, with the epoch's full record.
 
     The checkpoint's metadata holds ALL metrics of the saved epoch, the epoch and step, the seed,
-    a small environment dict and ``weights_sha256`` of the saved weights. Unless
-    ``write_history=False``, the per-epoch metric history is kept beside it
-    (``<filename>.history.json``) for the reload contract.
+    a small environment dict, ``weights_sha256`` of the saved weights and the ``save_id`` naming
+    this save. Unless ``write_history=False``, the per-epoch metric history is kept beside it
+    (``<filename>.history.json``) for the reload contract, written so that a crash at any moment
+    leaves a consistent pair: on an improving epoch the sidecar is written first (with the epoch
+    and a ``pending`` record of the save), then the checkpoint, then the sidecar again (``saved``);
+    ``storage.reconcile_history`` reads a pending save the checkpoint lacks as "never landed".
+    Epochs must be ints that increase; an epoch whose write raised is not recorded.
     """
 
     def __init__(self, monitor: str, mode: str | None = None, min_delta: float = 0.0, *, dirpath=".",
                  filename: str = "best.pt", baseline: float | None = None, start_from_epoch: int = 0,
                  seed: int | None = None, write_history: bool = True, fsync: bool = True):
+        from pytest_mlrepro.checkpoint.storage import history_path
+
         self.monitor = monitor
         self.spec = StopSpec(_resolve_mode(monitor, mode), 0, min_delta, baseline, start_from_epoch, "ignore")
         self.mode = self.spec.mode
         self.dirpath = Path(dirpath)
         self.path = self.dirpath / filename
-        self.history_path = self.dirpath / f"{filename}.history.json"
+        self.history_path = history_path(self.path)
         self.seed = seed
         self.write_history = write_history
         self.fsync = fsync
         self._best = baseline
+        self._saved = None  # {"epoch", "save_id"} of the checkpoint on disk
         self.best_epoch = None
         self.best_value = None
         self.best_metrics = None
@@ -157,51 +165,112 @@ class BestCheckpoint:
     def on_epoch_end(self, epoch: int, metrics: dict, model, *, step: int | None = None) -> bool:
         """Record the epoch; save if the monitored metric improved. Returns whether it saved."""
         value = monitored_value("BestCheckpoint", self.monitor, epoch, metrics)
+        epoch, step = self._check_epoch(epoch), self._check_step(step)
         record = plain_metrics(metrics)
+        improved = epoch >= self.spec.start_from_epoch and is_improvement(value, self._best, self.mode,
+                                                                          self.spec.min_delta)
+        state = self._state_dict(model) if improved else None
+        if not self.history:
+            self._remove_stale_temp_files()
         self.history.append({"epoch": epoch, "step": step, **record})
-        saved = False
-        if epoch >= self.spec.start_from_epoch and is_improvement(value, self._best, self.mode, self.spec.min_delta):
-            self._save(epoch, step, record, value, model)
-            saved = True
-        if self.write_history:
-            self._write_history()
-        return saved
+        if improved:
+            self._save(epoch, step, record, value, state)
+        elif self.write_history:
+            try:
+                self._write_history(pending=None, fsync=False)  # not worth an fsync: losing it loses nothing
+            except BaseException:
+                self.history.pop()
+                raise
+        return improved
 
-    def _save(self, epoch, step, record, value, model):
+    def _check_epoch(self, epoch) -> int:
+        """Epochs name history entries: a repeated or decreasing one would make the history ambiguous."""
+        from pytest_mlrepro.checkpoint.storage import CheckpointError
+
+        try:
+            if isinstance(epoch, bool):
+                raise TypeError
+            epoch = operator.index(epoch)  # ints, numpy ints, integer 0-d tensors
+        except TypeError:
+            raise CheckpointError(self.path, f"BestCheckpoint: epoch must be an int, got {epoch!r}") from None
+        if self.history and epoch <= self.history[-1]["epoch"]:
+            raise CheckpointError(self.path, f"BestCheckpoint: epoch {epoch} logged after epoch "
+                                             f"{self.history[-1]['epoch']}; epochs must increase")
+        return epoch
+
+    def _check_step(self, step):
+        """The step goes into JSON (history, metadata): an int or None."""
+        from pytest_mlrepro.checkpoint.storage import CheckpointError
+
+        if step is None:
+            return None
+        try:
+            if isinstance(step, bool):
+                raise TypeError
+            return operator.index(step)
+        except TypeError:
+            raise CheckpointError(self.path, f"BestCheckpoint: step must be an int or None, got {step!r}") from None
+
+    def _state_dict(self, model) -> dict:
+        from pytest_mlrepro.checkpoint.storage import CheckpointError
+
+        state = model.state_dict() if hasattr(model, "state_dict") else model
+        if not isinstance(state, dict):
+            raise CheckpointError(self.path, f"BestCheckpoint: model must be an nn.Module or a state dict, "
+                                             f"got {type(model).__name__}")
+        return state
+
+    def _remove_stale_temp_files(self) -> None:
+        """A new run cleans what a killed one left (only our own temp files of these two names)."""
+        from pytest_mlrepro.checkpoint import storage
+
+        storage.remove_stale_temp_files(self.path)
+        storage.remove_stale_temp_files(self.history_path)
+
+    def _save(self, epoch, step, record, value, state):
+        """Sidecar with the pending save, then the checkpoint, then the sidecar with it saved."""
         import torch
 
         from pytest_mlrepro.checkpoint import storage
 
         t0 = time.perf_counter()
-        state = model.state_dict() if hasattr(model, "state_dict") else model
-        if not isinstance(state, dict):
-            raise TypeError(f"BestCheckpoint: model must be an nn.Module or a state dict, got {type(model).__name__}")
-        metadata = {
-            "format": METADATA_FORMAT,
-            "monitor": self.monitor,
-            "mode": self.mode,
-            "min_delta": self.spec.min_delta,
-            "baseline": self.spec.baseline,
-            "start_from_epoch": self.spec.start_from_epoch,
-            "epoch": epoch,
-            "step": step,
-            "seed": self.seed if self.seed is not None else torch.initial_seed(),
-            "best_value": value,
-            "metrics": record,
-            "weights_sha256": storage.weights_sha256(state),
-            "environment": storage.environment_info(),
-        }
-        self.bytes_written += storage.save_checkpoint(self.path, state, metadata, fsync=self.fsync)
+        try:  # until the checkpoint landed, a failure un-records the epoch (the disk pair stays consistent)
+            weights_hash = storage.weights_sha256(state)
+            sid = storage.save_id(epoch, weights_hash)
+            metadata = {
+                "format": METADATA_FORMAT,
+                "monitor": self.monitor,
+                "mode": self.mode,
+                "min_delta": self.spec.min_delta,
+                "baseline": self.spec.baseline,
+                "start_from_epoch": self.spec.start_from_epoch,
+                "epoch": epoch,
+                "step": step,
+                "seed": self.seed if self.seed is not None else torch.initial_seed(),
+                "best_value": value,
+                "metrics": record,
+                "weights_sha256": weights_hash,
+                "save_id": sid,
+                "environment": storage.environment_info(),
+            }
+            if self.write_history:  # fsynced: it must be on disk before the checkpoint it announces
+                self._write_history(pending={"epoch": epoch, "save_id": sid}, fsync=self.fsync)
+            self.bytes_written += storage.save_checkpoint(self.path, state, metadata, fsync=self.fsync)
+        except BaseException:
+            self.history.pop()
+            raise
         self.save_seconds += time.perf_counter() - t0
         self.n_saves += 1
         self._best = self.best_value = value
+        self._saved = {"epoch": epoch, "save_id": sid}
         self.best_epoch = epoch
         self.best_metrics = record
         self.saved_epochs.append(epoch)
+        if self.write_history:  # a crash before this is read as "landed" (the checkpoint has sid)
+            self._write_history(pending=None, fsync=False)
 
-    def _write_history(self):
+    def _write_history(self, *, pending, fsync: bool):
         from pytest_mlrepro.checkpoint import storage
 
-        storage.atomic_write_json(self.history_path, {"monitor": self.monitor, "mode": self.mode,
-                                                      "checkpoint": self.path.name, "history": self.history},
-                                  fsync=False)  # rewritten every epoch; atomic, but not worth an fsync each time
+        storage.write_history(self.path, monitor=self.monitor, mode=self.mode, history=self.history,
+                              saved=self._saved, pending=pending, fsync=fsync)

@@ -7,6 +7,11 @@ would - and evaluating again gives the recorded metrics (bit for bit in determin
 ``check_reload`` checks all four and returns ``Finding``s (``best_checkpoint.history`` and
 ``best_checkpoint.reload``); every bad input becomes a finding naming the file, epoch and metric.
 
+"Best" means what a best-only saver holds after the whole logged history (``oracle.simulate``
+with a patience no history exhausts): the curve may get worse before it gets better. The history
+sidecar is first reconciled with the checkpoint (``storage.reconcile_history``), so a writer
+killed between its two files never makes a valid checkpoint fail.
+
 Run as ``python -m pytest_mlrepro.checkpoint.reload REQUEST.json`` it is the fresh-process worker.
 """
 from __future__ import annotations
@@ -26,8 +31,7 @@ from pytest_mlrepro.result import Finding
 
 __all__ = ["check_reload", "resolve_callable", "callable_reference", "load_history"]
 
-RELOAD = "best_checkpoint.reload"
-HISTORY = "best_checkpoint.history"
+from pytest_mlrepro.checks import HISTORY, RELOAD
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,29 +75,45 @@ def callable_reference(fn) -> str | None:
 # history
 
 
-def load_history(history, checkpoint_path: Path):
-    """Per-epoch metric dicts from a list, a JSON file, or the checkpoint's sidecar (None)."""
+def load_history(history, checkpoint_path: Path, metadata: dict | None = None):
+    """Per-epoch metric dicts from a list, a JSON file, or the checkpoint's sidecar (None).
+
+    With the checkpoint's ``metadata``, a sidecar is reconciled with it first
+    (``storage.reconcile_history``: a save that never landed is cut off). Returns ``(entries, origin)``.
+    """
+    entries, origin, _ = _load_history(history, checkpoint_path, metadata)
+    return entries, origin
+
+
+def _load_history(history, checkpoint_path: Path, metadata):
+    """``(entries, origin, note)``; ``note`` says how the sidecar was reconciled (None: as written)."""
+    from pytest_mlrepro.checkpoint.storage import history_path, reconcile_history
+
     source = history
     if history is None:
-        sidecar = Path(f"{checkpoint_path}.history.json")
+        sidecar = history_path(checkpoint_path)
         if not sidecar.exists():
-            return None, None
+            return None, None, None
         source = sidecar
+    note = None
     if isinstance(source, (str, Path)):
         path = Path(source)
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise ValueError(f"history file {path} does not exist") from None
-        except ValueError as exc:
+        except (ValueError, UnicodeDecodeError) as exc:
             raise ValueError(f"history file {path} is not valid JSON ({exc})") from None
-        entries = data.get("history") if isinstance(data, dict) else data
         origin = str(path)
+        if isinstance(data, dict) and metadata is not None:
+            entries, note = reconcile_history(data, metadata, origin)
+        else:
+            entries = data.get("history") if isinstance(data, dict) else data
     else:
         entries, origin = source, "history argument"
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise ValueError(f"{origin}: history must be a list of per-epoch metric dicts")
-    return [dict(e) for e in entries], origin
+    return [dict(e) for e in entries], origin, note
 
 
 def _num(v):
@@ -134,17 +154,47 @@ def _metadata_problem(meta: dict, mode: str, tolerance: float) -> str | None:
     return None
 
 
-def _check_history(path: Path, meta: dict, monitor: str, mode: str, history, origin) -> Finding:
+def _first_repeated(epochs):
+    """The first epoch number logged twice (None if none): such a history names no single best."""
+    seen = set()
+    for e in epochs:
+        key = e if isinstance(e, (int, float, str)) else repr(e)
+        if key in seen:
+            return e
+        seen.add(key)
+    return None
+
+
+def _saver_best(values, mode: str, min_delta: float, baseline):
+    """Index of the value a best-only saver holds after all of ``values`` (None: nothing saved).
+
+    The oracle run with a patience no sequence can exhaust, NaN counted as "no improvement": each
+    value becomes best only by beating the current best by more than ``min_delta``; ties keep the
+    earlier epoch; NaN is never best.
+    """
     from pytest_mlrepro.checkpoint.oracle import StopSpec, simulate
+
+    spec = StopSpec(mode, len(values) + 1, min_delta, baseline, 0, "ignore")
+    return simulate(values, spec).best_epoch
+
+
+def _check_history(path: Path, meta: dict, monitor: str, mode: str, history, origin, note=None) -> Finding:
+    from pytest_mlrepro.checkpoint.oracle import StopSpec
 
     best_epoch = meta.get("epoch")
     details = {"monitor": monitor, "mode": mode, "best_epoch": best_epoch, "argbest_epoch": None,
                "history": history, "checkpoint_path": str(path), "history_source": origin}
+    if note:
+        details["history_reconciled"] = note
     epochs = [e.get("epoch", i) for i, e in enumerate(history)]
     for e, entry in zip(epochs, history):
         if monitor not in entry:
             return Finding(HISTORY, "fail", f"{origin}: monitored metric {monitor!r} is missing from the logged "
                                             f"metrics of epoch {e} (logged: {sorted(_metrics_of(entry))})", details)
+    repeated = _first_repeated(epochs)
+    if repeated is not None:
+        return Finding(HISTORY, "error", f"{origin}: epoch {repeated!r} is logged more than once; the best "
+                                         f"epoch of an ambiguous history cannot be checked", details)
     values = [_num(entry[monitor]) for entry in history]
     for e, v, entry in zip(epochs, values, history):
         if v is None:
@@ -152,14 +202,15 @@ def _check_history(path: Path, meta: dict, monitor: str, mode: str, history, ori
                                             f"{entry[monitor]!r}", details)
     try:
         start = int(meta.get("start_from_epoch") or 0)
-        spec = StopSpec(mode, 0, float(meta.get("min_delta") or 0.0), meta.get("baseline"), 0, "ignore")
+        min_delta = float(meta.get("min_delta") or 0.0)
+        StopSpec(mode, 0, min_delta, meta.get("baseline"), start, "ignore")  # validates the saver's settings
     except (TypeError, ValueError) as exc:
         return Finding(HISTORY, "error", f"{path}: metadata describes an invalid spec: {exc}", details)
     # start_from_epoch counts the epochs as logged (users number them from 0 or from 1): drop the
     # earlier ones and let the oracle see the rest, then map its answer back to logged epochs
     kept = [i for i, e in enumerate(epochs) if not isinstance(e, (int, float)) or e >= start]
-    outcome = simulate([values[i] for i in kept], spec)
-    best_index = kept[outcome.best_epoch] if outcome.best_epoch is not None else None
+    best_kept = _saver_best([values[i] for i in kept], mode, min_delta, meta.get("baseline"))
+    best_index = kept[best_kept] if best_kept is not None else None
     argbest = epochs[best_index] if best_index is not None else None
     details["argbest_epoch"] = argbest
     if argbest != best_epoch:
@@ -168,7 +219,8 @@ def _check_history(path: Path, meta: dict, monitor: str, mode: str, history, ori
         recorded = (meta.get("metrics") or {}).get(monitor)
         return Finding(HISTORY, "fail",
                        f"{path}: checkpoint metadata says best epoch {best_epoch} ({monitor}={recorded!r}), but under "
-                       f"mode={mode!r} the logged history ({origin}) makes {where} the best", details)
+                       f"mode={mode!r}{f', min_delta={min_delta!r}' if min_delta else ''} the logged history "
+                       f"({origin}) makes {where} the best", details)
     entry = history[epochs.index(best_epoch)]
     recorded = meta.get("metrics") or {}
     differing = [k for k, v in _metrics_of(entry).items() if k in recorded and not _same_value(v, recorded[k], 0.0)]
@@ -183,7 +235,8 @@ def _check_history(path: Path, meta: dict, monitor: str, mode: str, history, ori
                        f"epoch {best_epoch}'s: differing {differing or []}, missing {missing or []}",
                        {**details, "co_metrics_epoch": matches[-1] if matches else None})
     return Finding(HISTORY, "pass", f"{path}: best epoch {best_epoch} is the best of {len(history)} logged epochs "
-                                    f"under mode={mode!r}, with that epoch's co-metrics", details)
+                                    f"under mode={mode!r}, with that epoch's co-metrics"
+                                    + (f" ({note})" if note else ""), details)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,7 +376,7 @@ def check_reload(checkpoint_path, *, evaluate, model_factory, history=None, data
     findings = []
 
     try:
-        hist, origin = load_history(history, path)
+        hist, origin, note = _load_history(history, path, meta)
     except ValueError as exc:
         findings.append(Finding(HISTORY, "error", str(exc), {"monitor": monitor, "mode": mode, "best_epoch": best_epoch,
                                                             "argbest_epoch": None, "history": None}))
@@ -335,7 +388,7 @@ def check_reload(checkpoint_path, *, evaluate, model_factory, history=None, data
                                     {"monitor": monitor, "mode": mode, "best_epoch": best_epoch,
                                      "argbest_epoch": None, "history": None}))
         else:
-            findings.append(_check_history(path, meta, monitor, mode, hist, origin))
+            findings.append(_check_history(path, meta, monitor, mode, hist, origin, note))
 
     problems = []
     if best_epoch is None:

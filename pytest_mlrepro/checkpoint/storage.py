@@ -1,29 +1,47 @@
-"""Writing and reading best checkpoints: atomic saves, loads that never run pickled code, a
-weights hash that identifies exactly which weights a checkpoint holds.
+"""Writing and reading best checkpoints: crash-safe saves, loads that never run pickled code, a
+weights hash that identifies exactly which weights a checkpoint holds, and the history sidecar.
 
 File formats (chosen by suffix):
 - ``*.safetensors``: tensors + ``{"pytest_mlrepro": <metadata JSON>}`` in the safetensors header;
 - anything else: ``torch.save({"format", "version", "metadata": <JSON str>, "state_dict"})``,
   read back with ``torch.load(weights_only=True)``, which refuses arbitrary objects.
+
+Every write goes to a temp file beside the target named ``.<name>.mlrepro-<host>-<pid>-<hex>.tmp``
+(a pattern nothing else creates), is fsynced, ``os.replace``d over the target, and the folder is
+fsynced. A writer killed mid-save leaves its temp file; the next write of the same target removes
+the temp files of writers that no longer run (never a live writer's, never a file of another name).
+
+The checkpoint and its history sidecar (``<checkpoint>.history.json``) form a pair that a crash at
+any moment leaves consistent (``write_history`` / ``reconcile_history``): before a checkpoint is
+replaced, the sidecar is written with the new epoch and a ``pending`` record naming the save
+(``save_id``, also stored in the checkpoint's metadata); after it, the sidecar is rewritten with
+``saved`` = that save. On reading, a pending save the checkpoint does not carry never landed, so
+the history is cut before that epoch; a checkpoint the sidecar does not name is an error.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import platform
+import re
+import secrets
+import socket
 import zipfile
 from pathlib import Path
 
-from pytest_mlrepro.atomic import atomic_write, atomic_write_bytes as _atomic_write_bytes
+from pytest_mlrepro.errors import MlreproError
 
 __all__ = [
     "FORMAT",
+    "HISTORY_FORMAT",
     "CheckpointError",
     "CheckpointMissing",
     "CheckpointCorrupt",
     "CheckpointRefused",
     "MetadataMissing",
+    "SidecarError",
     "weights_sha256",
     "save_checkpoint",
     "load_checkpoint",
@@ -31,6 +49,12 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "environment_info",
+    "history_path",
+    "save_id",
+    "write_history",
+    "reconcile_history",
+    "stale_temp_files",
+    "remove_stale_temp_files",
 ]
 
 FORMAT = "pytest-mlrepro/best-checkpoint"
@@ -38,7 +62,7 @@ VERSION = 1
 _SAFETENSORS_KEY = "pytest_mlrepro"
 
 
-class CheckpointError(Exception):
+class CheckpointError(MlreproError):
     """A checkpoint could not be used; the message names the file."""
 
     def __init__(self, path, message: str):
@@ -60,6 +84,11 @@ class CheckpointRefused(CheckpointError):
 
 class MetadataMissing(CheckpointError):
     pass
+
+
+class SidecarError(CheckpointError, ValueError):
+    """The history sidecar is malformed or describes another checkpoint (a ValueError too, so a
+    reader that reports bad history input reports this)."""
 
 
 def _tensor_bytes(t) -> bytes:
@@ -91,12 +120,114 @@ def weights_sha256(state_dict) -> str:
     return h.hexdigest()
 
 
+# ---------------------------------------------------------------------------------------------
+# crash-safe writes with temp names only we create
+
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32] or "host"
+_TEMP_RE = re.compile(r"\.(?P<name>.+)\.mlrepro-(?P<host>[A-Za-z0-9_]+)-(?P<pid>[0-9]+)-[0-9a-f]{16}\.tmp\Z")
+
+
+def _temp_path(path: Path) -> Path:
+    """A fresh temp name beside ``path`` that says who writes it (host, pid), so leftovers can be judged."""
+    return path.parent / f".{path.name}.mlrepro-{_HOST}-{os.getpid()}-{secrets.token_hex(8)}.tmp"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # maybe another thread of ours, mid-write
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's) or unknowable: keep its file
+    return True
+
+
+def stale_temp_files(path) -> list:
+    """Our temp files for ``path`` whose writer (on this host) no longer runs: left by a killed save."""
+    path = Path(path)
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return []
+    stale = []
+    for entry in entries:
+        m = _TEMP_RE.match(entry.name)
+        if m and m["name"] == path.name and m["host"] == _HOST and not _pid_alive(int(m["pid"])):
+            stale.append(path.parent / entry.name)
+    return sorted(stale)
+
+
+def remove_stale_temp_files(path) -> int:
+    """Delete ``stale_temp_files(path)``; returns how many went (a file that vanished meanwhile is fine)."""
+    n = 0
+    for p in stale_temp_files(path):
+        try:
+            p.unlink()
+            n += 1
+        except FileNotFoundError:
+            pass
+    return n
+
+
+def _fsync_path(p: Path, flags: int) -> None:
+    fd = os.open(p, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable; filesystems that cannot fsync a folder are skipped."""
+    try:
+        _fsync_path(directory, os.O_RDONLY)
+    except OSError:
+        pass
+
+
+def _atomic_write(path, write, *, fsync: bool = True) -> int:
+    """Write through ``write(tmp)`` to our temp file, fsync it, replace ``path``, fsync the folder.
+
+    Stale temp files of ``path`` are removed first; on any failure our temp file is removed and
+    ``path`` is untouched. A new file gets the mode ``open()`` would give; a replaced one keeps its.
+    """
+    path = Path(path)
+    new_dirs = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(path)
+    tmp = _temp_path(path)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0o666 & ~umask, like open()
+    try:
+        write(str(tmp))
+        if fsync:
+            _fsync_path(tmp, os.O_RDWR)
+        try:
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
+        except FileNotFoundError:
+            pass
+        size = os.path.getsize(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if fsync:
+        for d in [path.parent, *(d.parent for d in new_dirs)]:
+            _fsync_dir(d)
+    return size
+
+
 def atomic_write_bytes(path, data: bytes, *, fsync: bool = True) -> int:
-    return _atomic_write_bytes(path, data, fsync=fsync, make_parents=True)
+    """Crash-safe write of ``data`` to ``path`` (parents created); returns the bytes written."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
 
-
-def _atomic_write(path: Path, write, *, fsync: bool = True) -> int:
-    return atomic_write(path, write, fsync=fsync, make_parents=True)
+    return _atomic_write(path, write, fsync=fsync)
 
 
 def atomic_write_json(path, obj, *, fsync: bool = True) -> int:
@@ -125,13 +256,21 @@ def save_checkpoint(path, state_dict, metadata: dict, *, fsync: bool = True) -> 
     """Atomically write ``state_dict`` + ``metadata`` to ``path``; returns the bytes written.
 
     A crash (even SIGKILL) at any moment leaves either the previous file or the new one at
-    ``path``, never a partial file (the partial temp file is a dot-file beside it).
+    ``path``, never a partial file (the partial temp file is a dot-file beside it, removed by the
+    next save to ``path``). ``metadata`` must be JSON (``CheckpointError`` otherwise, nothing written).
     """
     import torch
 
     path = Path(path)
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(path, f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
+    if not isinstance(metadata, dict):
+        raise CheckpointError(path, f"metadata must be a dict, got {type(metadata).__name__}")
     tensors = {k: v.detach().to("cpu") for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-    meta_json = json.dumps(metadata, sort_keys=True)
+    try:
+        meta_json = json.dumps(metadata, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(path, f"metadata is not JSON-serialisable ({exc}); nothing was written") from None
     if _is_safetensors(path):
         from safetensors.torch import save_file
 
@@ -274,3 +413,73 @@ def read_metadata(path) -> dict:
     if meta is None:
         raise MetadataMissing(path, "checkpoint carries no pytest-mlrepro metadata (epoch, metrics, weights hash)")
     return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# the checkpoint + history sidecar pair
+
+HISTORY_FORMAT = "pytest-mlrepro/best-checkpoint-history"
+HISTORY_VERSION = 2
+
+
+def history_path(checkpoint_path) -> Path:
+    """Where ``BestCheckpoint`` keeps the per-epoch history of ``checkpoint_path``."""
+    return Path(f"{checkpoint_path}.history.json")
+
+
+def save_id(epoch: int, weights_hash: str) -> str:
+    """Names one save: the epoch and the weights it holds (deterministic, so replicas agree)."""
+    return f"epoch-{epoch}-{weights_hash[:16]}"
+
+
+def _save_record(record, origin, key: str):
+    """A ``saved``/``pending`` record, checked: None or ``{"epoch": int, "save_id": str}``."""
+    if record is None:
+        return None
+    if not (isinstance(record, dict) and isinstance(record.get("epoch"), int)
+            and isinstance(record.get("save_id"), str)):
+        raise SidecarError(origin, f"{key!r} must be null or {{'epoch': int, 'save_id': str}}, got {record!r}")
+    return {"epoch": record["epoch"], "save_id": record["save_id"]}
+
+
+def write_history(checkpoint_path, *, monitor: str, mode: str, history: list, saved=None, pending=None,
+                  fsync: bool = True) -> int:
+    """Write the sidecar: the history, the save the checkpoint holds (``saved``) and, right before a
+    checkpoint is replaced, the save about to land (``pending``, which must be the last epoch)."""
+    where = history_path(checkpoint_path)
+    saved, pending = _save_record(saved, where, "saved"), _save_record(pending, where, "pending")
+    if pending is not None and (not history or history[-1].get("epoch") != pending["epoch"]):
+        raise SidecarError(where, f"the pending save of epoch {pending['epoch']} must be the last epoch of the history")
+    doc = {"format": HISTORY_FORMAT, "version": HISTORY_VERSION, "monitor": monitor, "mode": mode,
+           "checkpoint": Path(checkpoint_path).name, "history": history, "saved": saved, "pending": pending}
+    return atomic_write_json(history_path(checkpoint_path), doc, fsync=fsync)
+
+
+def reconcile_history(doc, metadata, origin: str = "history sidecar"):
+    """The history entries that belong with a checkpoint whose metadata is ``metadata``.
+
+    Returns ``(entries, note)``; ``note`` says what was reconciled (None if nothing). A sidecar
+    without save records (version 1, or not ours) is taken as is. Raises ``SidecarError`` when the
+    sidecar describes another checkpoint than this one or its save records are malformed.
+    """
+    if not isinstance(doc, dict) or "history" not in doc:
+        return doc, None
+    entries = doc["history"]
+    if "saved" not in doc and "pending" not in doc:
+        return entries, None
+    saved, pending = _save_record(doc.get("saved"), origin, "saved"), _save_record(doc.get("pending"), origin, "pending")
+    have = (metadata or {}).get("save_id")
+    if pending is not None and have == pending["save_id"]:
+        return entries, None  # the save landed; only the sidecar's commit record was not written
+    if saved is not None and have == saved["save_id"]:
+        if pending is None:
+            return entries, None
+        if not isinstance(entries, list) or not entries or not isinstance(entries[-1], dict) \
+                or entries[-1].get("epoch") != pending["epoch"]:
+            raise SidecarError(origin, f"the pending save of epoch {pending['epoch']} is not the last logged epoch")
+        return entries[:-1], (f"the save of epoch {pending['epoch']} never landed (the writer stopped while saving "
+                              f"it), so the history is read up to the epoch before it")
+    names = [f"{k} {r['save_id']}" for k, r in (("saved", saved), ("pending", pending)) if r is not None]
+    raise SidecarError(origin, f"does not describe this checkpoint: it names {' and '.join(names) or 'no save'}, "
+                               f"the checkpoint carries save_id {have!r} (a checkpoint from another run, or one "
+                               f"copied without its history)")

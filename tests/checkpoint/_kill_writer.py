@@ -3,8 +3,8 @@
 usage: python _kill_writer.py DIR SEED MODE:TRIALS [MODE:TRIALS ...]   (MODE: atomic | naive)
 
 Imports torch once; per MODE, in DIR/MODE: writes an initial checkpoint, then TRIALS times forks a
-child that saves new checkpoints (4 MB each) in a loop, SIGKILLs it after a random delay, and
-checks what is left at the checkpoint path. Prints one JSON object {mode: [per-trial results]}.
+child that saves new checkpoints (4 MB each) in a loop, SIGKILLs it a random delay after the child
+says it starts writing, and checks what is left at the checkpoint path. Prints one JSON object {mode: [per-trial results]}.
 """
 import json
 import os
@@ -42,15 +42,21 @@ def run(mode, trials):
     write(path, mode, 0)
     results, epoch = [], 1
     for trial in range(trials):
+        r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
             try:
+                os.close(r)
+                os.write(w, b"1")  # about to write: the delay below counts from here, not from fork()
                 e = epoch
                 while True:
                     write(path, mode, e)
                     e += 1
             finally:
                 os._exit(1)
+        os.close(w)
+        os.read(r, 1)  # on a loaded machine the child may take longer than the delay just to start
+        os.close(r)
         time.sleep(rng.uniform(0.0, 0.02))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
