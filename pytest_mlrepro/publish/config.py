@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..errors import MlreproError
+
 WANDB_MODES = ("offline", "online", "disabled")
 DEFAULT_WANDB_DIR = Path("mlrepro-out")
 DEFAULT_PROJECT = "pytest-mlrepro"
@@ -20,7 +22,7 @@ _PROJECT_FORBIDDEN = "/\\#?%:"
 _PROJECT_MAX_LEN = 128
 
 
-class PublishError(Exception):
+class PublishError(MlreproError):
     """A publishing request that cannot be carried out as given (bad path, bad option value)."""
 
 

@@ -6,14 +6,14 @@ malformed details become a ``PublishError`` that names the check and the key.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
 from .config import PublishError
 
-RELOAD_CHECK = "best_checkpoint.reload"
-HISTORY_CHECK = "best_checkpoint.history"
+from ..checks import HISTORY as HISTORY_CHECK, RELOAD as RELOAD_CHECK
 
 
 @dataclass
@@ -28,10 +28,31 @@ class BestCheckpoint:
     source: str = RELOAD_CHECK  # the check whose details these came from
     checkpoint_epoch: Optional[int] = None  # the epoch the saved file holds (differs from best_epoch when broken)
     checkpoint_metrics: dict = field(default_factory=dict)  # the logged metrics of that epoch
+    claimed_metrics: dict = field(default_factory=dict)  # what the file itself records (reload's recorded_metrics)
+    failed: bool = False  # the reload or history check failed or errored
 
     @property
     def is_best(self) -> bool:
         return self.checkpoint_epoch is None or self.checkpoint_epoch == self.best_epoch
+
+    @property
+    def disputed(self) -> bool:
+        """Whether the checkpoint's claim must be shown beside the history: a check failed, or the file
+        names another epoch, or records other values than the history logged for its epoch."""
+        if self.checkpoint_epoch is None:
+            return False
+        return self.failed or not self.is_best or _differs(self.claimed_metrics, self.checkpoint_metrics)
+
+
+def _differs(claimed: dict, logged: dict) -> bool:
+    """True when a metric present in both is not the same number (float32 round-off tolerated)."""
+    for k, c in claimed.items():
+        v = logged.get(k)
+        if isinstance(c, bool) or isinstance(v, bool) or not isinstance(c, numbers.Real) or not isinstance(v, numbers.Real):
+            continue
+        if not (math.isnan(c) and math.isnan(v)) and not math.isclose(c, v, rel_tol=1e-6, abs_tol=1e-12):
+            return True
+    return False
 
 
 def _finding(result, check: str):
@@ -54,7 +75,8 @@ def best_checkpoint(result) -> Optional[BestCheckpoint]:
     checkpoint records. Its metrics come from the logged history's row for that epoch, else from the
     reload check's ``recorded_metrics`` (what the checkpoint claims: the very thing a broken checkpoint
     gets wrong). ``checkpoint_epoch`` is the epoch the file records; when it is not the best epoch the
-    publisher must not call the file "best". None when no check names an epoch. Raises
+    publisher must not call the file "best". ``claimed_metrics`` is what the file records, unchanged, so a
+    plot can show the claim next to the history. None when no check names an epoch. Raises
     ``PublishError`` naming the check and key when a detail has the wrong type.
     """
     reload = _finding(result, RELOAD_CHECK)
@@ -91,8 +113,10 @@ def best_checkpoint(result) -> Optional[BestCheckpoint]:
         checkpoint_metrics = dict(recorded or {})
     details = (reload or history).details
     path = reload.details.get("checkpoint_path") if source == RELOAD_CHECK else None  # a reload that found a file
+    claimed_metrics = dict(recorded) if recorded is not None else dict(checkpoint_metrics)
+    failed = any(f is not None and f.verdict in ("fail", "error") for f in (reload, history))
     return BestCheckpoint(best_epoch, details.get("monitor"), details.get("mode"), best_metrics, path,
-                          source or HISTORY_CHECK, claimed, checkpoint_metrics)
+                          source or HISTORY_CHECK, claimed, checkpoint_metrics, claimed_metrics, failed)
 
 
 def _history_row(history: list, epoch: int) -> Optional[dict]:

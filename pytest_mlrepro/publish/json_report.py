@@ -10,11 +10,11 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import tempfile
 from pathlib import Path
-
-from ..atomic import atomic_write_text
 from typing import Any, Iterable, Optional
 
+from ..atomic import atomic_write_text
 from ..result import SCHEMA_NAME as AUDIT_SCHEMA_NAME
 from ..result import SCHEMA_VERSION as AUDIT_SCHEMA_VERSION
 from ..result import AuditResult, _jsonable
@@ -81,19 +81,40 @@ def build_report(results: list, session_info: Optional[dict] = None, *, outputs:
     )
 
 
-def check_report_path(path) -> Path:
-    """Refuse a report path that cannot be written, before any work is done (for early checks)."""
+def check_report_path(path: Path) -> None:
+    """Prove at session start, before any audit, that the report can be written at the end.
+
+    Creates missing parent folders, then creates and removes a temp file in the folder (``os.access``
+    lies for root, read-only mounts and ACLs). Raises ``PublishError`` naming the path and the reason
+    when the path is a folder or its folder cannot be created or written. Imports neither torch nor wandb.
+    """
     path = Path(path)
-    if path.exists() and path.is_dir():
+    if path.is_dir():
         raise PublishError(f"report path {path} is a folder; give a file name such as {path / 'mlrepro-report.json'}")
     parent = path.parent
-    if not parent.is_dir():
-        raise PublishError(
-            f"cannot write the report {path}: its folder {parent} does not exist (create it first)"
-        )
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PublishError(f"cannot write the report {path}: its folder {parent} is not writable")
-    return path
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PublishError(f"cannot write the report {path}: cannot create its folder {parent} ({_reason(e)})") from e
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PublishError(f"cannot write the report {path}: its folder {parent} is not writable ({_reason(e)})") from e
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or str(e) or type(e).__name__
+
+
+def _refuse_unwritable(path: Path) -> None:
+    """At write time nothing is created: a folder as path or a vanished folder is an error naming it."""
+    if path.is_dir():
+        raise PublishError(f"report path {path} is a folder; give a file name such as {path / 'mlrepro-report.json'}")
+    if not path.parent.is_dir():
+        raise PublishError(f"cannot write the report {path}: its folder {path.parent} does not exist "
+                           "(check_report_path creates it at session start)")
 
 
 def write_report(path, report: dict) -> Path:
@@ -102,7 +123,8 @@ def write_report(path, report: dict) -> Path:
     A missing or unwritable folder, or a document that is not valid JSON, raises ``PublishError``
     and leaves nothing behind; an existing report is replaced only by a complete new one.
     """
-    path = check_report_path(path)
+    path = Path(path)
+    _refuse_unwritable(path)
     try:
         text = json.dumps(report, indent=2, sort_keys=False, allow_nan=False) + "\n"
     except (TypeError, ValueError) as e:
@@ -110,7 +132,7 @@ def write_report(path, report: dict) -> Path:
     try:
         atomic_write_text(path, text)
     except OSError as e:
-        raise PublishError(f"cannot write the report {path}: {e}") from e
+        raise PublishError(f"cannot write the report {path}: {_reason(e)}") from e
     return path
 
 
@@ -224,6 +246,8 @@ def _validate_audit(p: list, w: str, a: Any) -> None:
                  ("step_divergence", list), ("findings", list)):
         _require(p, w, a, k, t)
     _require(p, w, a, "wall_time_s", _NUM, optional=True)
+    if "final_fingerprints" in a:  # added within version 1: older reports lack it
+        _check(p, f"{w}.final_fingerprints", a["final_fingerprints"], dict, optional=True)
     fd = _require(p, w, a, "first_divergence", dict, optional=True)
     if isinstance(fd, dict):
         _require(p, f"{w}.first_divergence", fd, "step", int, optional=True)

@@ -6,30 +6,23 @@ draw, so callers can log whatever exists.
 """
 from __future__ import annotations
 
-import hashlib
 import math
-import re
 from pathlib import Path
-
-from ..atomic import atomic_write
 from typing import Optional
 
+from ..atomic import atomic_write
 from .config import PublishError
 from .findings import best_checkpoint, early_stop_epoch
+from .naming import target_slug
 
 _RESERVED = ("step", "epoch")
 _MAX_METRIC_PANELS = 8
+_CLAIM_COLOR = "magenta"  # the checkpoint's claim: unlike any replica, best-epoch or early-stop colour
 _REPLICA_STYLES = [
     dict(color="tab:blue", linestyle="-", marker="o", markersize=5),
     dict(color="tab:orange", linestyle="--", marker="x", markersize=7),
     dict(color="tab:purple", linestyle=":", marker="s", markersize=4),
 ]
-
-
-def target_slug(target: str) -> str:
-    """A file-name-safe, collision-free stem for ``target`` (readable prefix + short hash)."""
-    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", target).strip("-.")[:60] or "target"
-    return f"{readable}-{hashlib.sha1(target.encode()).hexdigest()[:8]}"
 
 
 def ensure_plots_dir(out_dir) -> Path:
@@ -73,16 +66,17 @@ def _metric_names(replicas) -> list:
     return names
 
 
-def plot_metrics(result, out_dir) -> Optional[Path]:
+def plot_metrics(result, out_dir, *, stem: Optional[str] = None) -> Optional[Path]:
     """Both replicas' metric curves, one panel per metric, best epoch and early-stop epoch marked.
 
-    X is the epoch when every logged row has one, else the step, else the row index. Returns None
-    when no replica logged a numeric metric.
+    X is the epoch when every logged row has one, else the step, else the row index. ``stem`` names
+    the file (default: the target's slug; a session auditing a target twice passes each audit's own,
+    see ``naming.audit_names``). Returns None when no replica logged a numeric metric.
     """
     fig = metrics_figure(result)
     if fig is None:
         return None
-    return _save(fig, ensure_plots_dir(out_dir) / f"{target_slug(result.target)}-metrics.png")
+    return _save(fig, ensure_plots_dir(out_dir) / f"{stem or target_slug(result.target)}-metrics.png")
 
 
 def metrics_figure(result):
@@ -124,14 +118,7 @@ def metrics_figure(result):
                 markevery = (min(r.index * every // 2, len(xs) - 1), every) if every > 1 else None
                 ax.plot(xs, ys, label=f"replica {r.index}", linewidth=1.6, markevery=markevery, **style)
         if mark_epochs and best is not None:
-            label = f"best epoch {best.best_epoch}"
-            if best.monitor:
-                label += f" ({best.monitor}, {best.mode or '?'})"
-            ax.axvline(best.best_epoch, color="tab:green", linestyle=":", linewidth=2, label=label)
-            y = _finite(best.recorded_metrics.get(name))
-            if y is not None:
-                ax.plot([best.best_epoch], [y], linestyle="none", marker="*", markersize=16, color="tab:green",
-                        markeredgecolor="black", zorder=5, label=f"recorded {name} at best epoch")
+            _mark_best(ax, name, best)
         if mark_epochs and stop is not None:
             ax.axvline(stop, color="tab:red", linestyle="-.", linewidth=2, label=f"early stop at epoch {stop}")
         ax.set_ylabel(name)
@@ -150,17 +137,45 @@ def metrics_figure(result):
     return fig
 
 
-def plot_step_divergence(result, out_dir) -> Optional[Path]:
+def _mark_best(ax, name: str, best) -> None:
+    """The history's best epoch and value; when the checkpoint's claim is disputed, the claim too.
+
+    A failing best checkpoint records another epoch or other values than the history logged; drawing
+    only the history would hide the very failure, so the claim gets its own marker and legend entry.
+    """
+    disputed = best.disputed
+    monitor = f" ({best.monitor}, {best.mode or '?'})" if best.monitor else ""
+    label = f"logged history: best epoch {best.best_epoch}" if disputed else f"best epoch {best.best_epoch}"
+    ax.axvline(best.best_epoch, color="tab:green", linestyle=":", linewidth=2, label=label + monitor)
+    y = _finite(best.recorded_metrics.get(name))
+    if y is not None:
+        star = f"logged history: {name} at best epoch {best.best_epoch}" if disputed else f"recorded {name} at best epoch"
+        ax.plot([best.best_epoch], [y], linestyle="none", marker="*", markersize=16, color="tab:green",
+                markeredgecolor="black", zorder=5, label=star)
+    if not disputed:
+        return
+    epoch = best.checkpoint_epoch
+    if epoch != best.best_epoch:
+        ax.axvline(epoch, color=_CLAIM_COLOR, linestyle="--", linewidth=1.5,
+                   label=f"claimed by checkpoint: best epoch {epoch}")
+    c = _finite(best.claimed_metrics.get(name))
+    if c is not None:
+        ax.plot([epoch], [c], linestyle="none", marker="X", markersize=13, color=_CLAIM_COLOR,
+                markeredgecolor="black", zorder=6, label=f"claimed by checkpoint: {name}={c:.4g} at epoch {epoch}")
+
+
+def plot_step_divergence(result, out_dir, *, stem: Optional[str] = None) -> Optional[Path]:
     """Per-step divergence between replicas on a log scale, with the count of differing tensors.
 
     ``result.step_divergence`` rows are ``{"step", "max_abs_diff_sampled", "tensors_differing"}``; a zero
     (the replicas agree at that step) cannot sit on a log axis, so zeros are drawn at the bottom
-    edge with their own marker and legend entry. Returns None without rows.
+    edge with their own marker and legend entry. ``stem`` names the file as in ``plot_metrics``.
+    Returns None without rows.
     """
     fig = step_divergence_figure(result)
     if fig is None:
         return None
-    return _save(fig, ensure_plots_dir(out_dir) / f"{target_slug(result.target)}-step-divergence.png")
+    return _save(fig, ensure_plots_dir(out_dir) / f"{stem or target_slug(result.target)}-step-divergence.png")
 
 
 def step_divergence_figure(result):

@@ -76,7 +76,8 @@ def summary_lines(results, outcome=None) -> list:
 
 
 def outcome_lines(outcome) -> list:
-    """Where results went (report, plots, W&B runs and how to sync them) and publishing warnings.
+    """Where results went (report, plots, W&B runs and how to sync them), publishing warnings, and
+    publishing errors (the report could not be written: the run fails).
 
     Reads attributes leniently, so a caller's stand-in outcome carrying only ``warnings`` works.
     """
@@ -89,8 +90,8 @@ def outcome_lines(outcome) -> list:
     if n_plots and getattr(outcome, "plots_dir", None) is not None:
         lines.append(f"plots: {n_plots} PNG(s) in {outcome.plots_dir}")
     runs = getattr(outcome, "wandb_runs", None) or []
-    for run in runs:
-        lines.append(f"W&B run ({run.mode}) for {run.target}: {run.url or run.run_dir}")
+    for run in runs:  # the run's name tells apart two audits of one target
+        lines.append(f"W&B run ({run.mode}) for {getattr(run, 'name', None) or run.target}: {run.url or run.run_dir}")
     offline = [r for r in runs if r.mode == "offline"]
     if offline:
         lines.append(f"upload the offline W&B runs with: wandb sync {offline[0].run_dir.parent}/offline-run-*")
@@ -101,6 +102,8 @@ def outcome_lines(outcome) -> list:
         lines.append(f"W&B report: {outcome.report_url}")
     for w in getattr(outcome, "warnings", None) or []:
         lines.append(f"WARNING: {w}")
+    for e in getattr(outcome, "errors", None) or []:  # last, where the eye lands: these fail the run
+        lines.append(f"ERROR: {e}")
     return lines
 
 

@@ -4,7 +4,9 @@ the best checkpoint as a ``model`` artifact, and the plots.
 W&B is optional and never allowed to break or stall an audit: wandb is imported lazily, every
 problem (not installed, disabled, bad project name, unwritable dir, no network) becomes a warning
 string, ``wandb.init`` / ``finish`` run under short timeouts, and a run that fails half-way is
-removed from disk so ``wandb sync`` never uploads half a run.
+removed from disk so ``wandb sync`` never uploads half a run. An online run that cannot start (the
+server unreachable, no API key) is logged offline instead, with a warning naming the folder to
+``wandb sync`` later, so the audit's data is never lost.
 """
 from __future__ import annotations
 
@@ -12,17 +14,16 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..result import _jsonable
-from .config import PublishConfig
 from ..envvars import patched_environ
+from ..result import _jsonable
+from .config import PublishConfig, PublishError
 from .findings import best_checkpoint, early_stop_epoch
-from .plots import target_slug
+from .naming import AuditName, audit_names, target_slug
 
 _RESERVED_METRIC_KEYS = ("step", "epoch")
 
@@ -38,6 +39,7 @@ class WandbRun:
     run_dir: Path
     url: Optional[str] = None
     artifact: Optional[str] = None  # "<name>:best" when the best checkpoint was logged
+    audit: Optional[int] = None  # index of the result in the published list (not in the report)
 
     def to_dict(self) -> dict:
         return {"target": self.target, "run_id": self.run_id, "name": self.name, "mode": self.mode,
@@ -181,9 +183,13 @@ def table_rows(result) -> dict:
     return tables
 
 
-def artifact_name(target: str) -> str:
-    """A valid artifact name (letters, digits, ``-_.``; at most 128 chars) unique per target."""
-    return f"best-{target_slug(target)}"
+def artifact_name(target: str, slug: Optional[str] = None) -> str:
+    """A valid artifact name (letters, digits, ``-_.``; at most 128 chars) unique per audit.
+
+    ``slug`` is the audit's ``AuditName.slug`` (default: the target's), so two audits of one target
+    in a session log two artifacts instead of two versions fighting over the ``best`` alias.
+    """
+    return f"best-{slug or target_slug(target)}"
 
 
 def artifact_metadata(result) -> Optional[dict]:
@@ -239,12 +245,44 @@ def _settings(wandb, config: PublishConfig, mode: str):
     if mode == "online":
         kw.update(finish_timeout=config.finish_timeout, finish_timeout_raises=True,
                   login_timeout=config.init_timeout, x_graphql_timeout_seconds=min(10.0, config.init_timeout))
+        # wandb reads WANDB_* once per process (wandb.setup) and ignores later changes; the server a run
+        # talks to must be the one the environment names now, not the one an earlier wandb use saw.
+        if os.environ.get("WANDB_BASE_URL", "").strip():
+            kw.update(base_url=os.environ["WANDB_BASE_URL"].strip().rstrip("/"))
     return wandb.Settings(**kw)
 
 
+def _user_run_active(wandb) -> bool:
+    """Whether the process has a W&B run of its own open (``wandb.run``): we must not finish it."""
+    return getattr(wandb, "run", None) is not None
+
+
+class _OnlineStartFailed(PublishError):
+    """``wandb.init`` in online mode failed; the run can still be logged offline."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _plots_of(plots, index: int, result) -> list:
+    """The PNGs of the ``index``-th result: ``plots`` is a list aligned with the results, or a
+    ``{target: [paths]}`` dict (only right when every target is audited once)."""
+    if not plots:
+        return []
+    if isinstance(plots, dict):
+        return list(plots.get(result.target, []))
+    return list(plots[index]) if index < len(plots) and plots[index] else []
+
+
 def publish_to_wandb(results, config: PublishConfig, *, session_id: str, session_info: Optional[dict] = None,
-                     git: Optional[dict] = None, plots: Optional[dict] = None) -> WandbOutcome:
-    """Log one run per result. Never raises for W&B problems: they come back as warnings."""
+                     git: Optional[dict] = None, plots=None) -> WandbOutcome:
+    """Log one run per result. Never raises for W&B problems: they come back as warnings.
+
+    ``plots``: per result, the PNGs to log in its run (a list aligned with ``results``; a
+    ``{target: paths}`` dict is accepted too). Each run gets its own name (``naming.audit_names``).
+    """
+    results = list(results)
     outcome = WandbOutcome()
     mode, why = config.effective_wandb_mode()
     outcome.mode = mode
@@ -262,7 +300,6 @@ def publish_to_wandb(results, config: PublishConfig, *, session_id: str, session
         outcome.warnings.append(f"W&B publishing skipped: {problem} (--mlrepro-wandb-dir)")
         outcome.mode = "disabled"
         return outcome
-    already_loaded = "wandb" in sys.modules
     with _quiet_wandb_env():
         try:
             import wandb
@@ -274,24 +311,65 @@ def publish_to_wandb(results, config: PublishConfig, *, session_id: str, session
             outcome.warnings.append(f"W&B publishing skipped: importing wandb failed: {type(e).__name__}: {e}")
             outcome.mode = "disabled"
             return outcome
-        unreachable = False
-        for result in results:
-            if unreachable:
-                outcome.warnings.append(f"W&B run for {result.target} not published: the W&B server was unreachable")
-                continue
-            try:
-                run = _publish_one(wandb, result, config, mode, session_id=session_id, session_info=session_info,
-                                   git=git or {}, plots=(plots or {}).get(result.target, []), warnings=outcome.warnings)
-            except Exception as e:
-                unreachable = mode == "online" and _looks_like_network(e)
-                outcome.warnings.append(_describe_failure(result.target, mode, config, e, unreachable))
-                continue
-            outcome.runs.append(run)
-        if not already_loaded:
-            # Nobody else in this process uses wandb: stop its service now rather than at exit.
+        _publish_all(wandb, results, config, mode, outcome, session_id=session_id, session_info=session_info,
+                     git=git or {}, plots=plots)
+        if not _user_run_active(wandb):
+            # No run of the user's is open: stop wandb's service now rather than at exit, and leave no
+            # process-wide wandb session behind whose frozen WANDB_* settings a later publish would inherit.
             with contextlib.suppress(Exception):
                 wandb.teardown()
     return outcome
+
+
+def _publish_all(wandb, results: list, config: PublishConfig, mode: str, outcome: WandbOutcome, *, session_id,
+                 session_info, git, plots) -> None:
+    """One run per result; an online run that cannot start (or loses the network) is logged offline
+    instead, and so are all after it, so a dead network costs one timeout and no data."""
+    fallback = None  # why online failed: from then on every run is logged offline
+    offline = []
+    for i, (result, name) in enumerate(zip(results, audit_names(results))):
+        kw = dict(session_id=session_id, session_info=session_info, git=git, plots=_plots_of(plots, i, result),
+                  name=name)
+        run_mode = "offline" if fallback else mode
+        said: list = []  # this run's own warnings, kept from the attempt that counts only
+        try:
+            try:
+                run = _publish_one(wandb, result, config, run_mode, warnings=said, **kw)
+            except Exception as e:
+                if run_mode != "online" or not (isinstance(e, _OnlineStartFailed) or _looks_like_network(e)):
+                    raise
+                fallback = _online_problem(config, getattr(e, "cause", e))
+                said = []
+                run = _publish_one(wandb, result, config, "offline", warnings=said, **kw)
+        except Exception as e:
+            outcome.warnings.extend(said)
+            outcome.warnings.append(_describe_failure(name.label, e))
+            continue
+        outcome.warnings.extend(said)
+        run.audit = i
+        outcome.runs.append(run)
+        if run.mode == "offline" and mode == "online":
+            offline.append(run)
+    if fallback:
+        outcome.mode = "offline"  # the runs exist only on disk: the report spec is saved, not created
+        outcome.warnings.append(_fallback_warning(config, fallback, offline))
+
+
+def _online_problem(config: PublishConfig, e: BaseException) -> str:
+    """Why an online run could not start, as a clause (network problems say how long we waited)."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    if _looks_like_network(e):
+        server = os.environ.get("WANDB_BASE_URL", "").strip()  # else wandb's default (or the user's login host)
+        return f"the W&B server{' ' + server if server else ''} was unreachable within {config.init_timeout:g} s ({text})"
+    return f"the online W&B run could not start ({text})"
+
+
+def _fallback_warning(config: PublishConfig, problem: str, offline: list) -> str:
+    """One warning for the whole fallback: why, how many runs were kept, and how to upload them."""
+    folder = Path(config.wandb_dir) / "wandb"
+    return (f"W&B online publishing failed: {problem}; verdicts are unaffected; {len(offline)} run(s) were "
+            f"logged offline instead in {folder}; upload them later with `wandb sync {folder}/offline-run-*`")
 
 
 def _looks_like_network(e: Exception) -> bool:
@@ -301,18 +379,16 @@ def _looks_like_network(e: Exception) -> bool:
         w in text for w in ("timed out", "timeout", "connection refused", "connect:", "unreachable", "dial tcp"))
 
 
-def _describe_failure(target: str, mode: str, config: PublishConfig, e: Exception, network: bool) -> str:
+def _describe_failure(label: str, e: Exception) -> str:
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     text = f"{type(e).__name__}: {first}" if first else type(e).__name__
-    if network:
-        return (f"W&B run for {target} not published: the W&B server was unreachable within "
-                f"{config.init_timeout:g} s ({text}); verdicts are unaffected; "
-                "use --mlrepro-wandb=offline and `wandb sync` later")
-    return f"W&B run for {target} not published: {text}; verdicts are unaffected"
+    return f"W&B run for {label} not published: {text}; verdicts are unaffected"
 
 
 def _publish_one(wandb, result, config: PublishConfig, mode: str, *, session_id, session_info, git, plots,
-                 warnings: list) -> WandbRun:
+                 warnings: list, name: Optional[AuditName] = None) -> WandbRun:
+    """Log ``result`` as one run; raises ``_OnlineStartFailed`` when an online run cannot start."""
+    name = name or AuditName(result.target)
     root = Path(config.wandb_dir)
     before = _run_dirs(root)
     # Everything computed before init so a malformed result cannot leave a half-logged run.
@@ -325,24 +401,29 @@ def _publish_one(wandb, result, config: PublishConfig, mode: str, *, session_id,
     if best is not None and best.checkpoint_path:
         ckpt = Path(best.checkpoint_path)
         if not ckpt.is_file():
-            warnings.append(f"W&B: best checkpoint {ckpt} of {result.target} (epoch {best.best_epoch}) does not exist; "
+            warnings.append(f"W&B: best checkpoint {ckpt} of {name.label} (epoch {best.best_epoch}) does not exist; "
                             "no model artifact logged")
             ckpt = None
     run = None
     try:
-        run = wandb.init(
-            project=config.project,
-            entity=config.entity,
-            group=session_id,
-            job_type=config.job_type,
-            tags=list(config.tags),
-            name=result.target[:128],
-            config=cfg,
-            dir=str(root),
-            mode=mode,
-            settings=_settings(wandb, config, mode),
-            reinit="create_new",
-        )
+        try:
+            run = wandb.init(
+                project=config.project,
+                entity=config.entity,
+                group=session_id,
+                job_type=config.job_type,
+                tags=list(config.tags),
+                name=name.run_name,
+                config=cfg,
+                dir=str(root),
+                mode=mode,
+                settings=_settings(wandb, config, mode),
+                reinit="create_new",
+            )
+        except Exception as e:
+            if mode == "online":
+                raise _OnlineStartFailed(e) from e
+            raise
         if rows:
             step_key = "epoch" if all("epoch" in r for r in rows) else ("train_step" if all("train_step" in r for r in rows) else None)
             if step_key:
@@ -353,7 +434,7 @@ def _publish_one(wandb, result, config: PublishConfig, mode: str, *, session_id,
         media = {key: wandb.Table(columns=cols, data=data, allow_mixed_types=True) for key, (cols, data) in tables.items()}
         for p in plots:
             kind = "step_divergence" if str(p).endswith("-step-divergence.png") else "metrics"
-            media[f"plots/{kind}"] = wandb.Image(str(p), caption=f"{result.target}: {kind}")
+            media[f"plots/{kind}"] = wandb.Image(str(p), caption=f"{name.label}: {kind}")
         if media:
             run.log(media)
         for k, v in summary.items():
@@ -366,7 +447,7 @@ def _publish_one(wandb, result, config: PublishConfig, mode: str, *, session_id,
                 description = (f"checkpoint saved as best by {result.target}, but it holds epoch "
                                f"{best.checkpoint_epoch}; the logged history's best is epoch {best.best_epoch}")
             art = wandb.Artifact(
-                artifact_name(result.target),
+                artifact_name(result.target, name.slug),
                 type="model",
                 description=description + (f", monitor {best.monitor} ({best.mode})" if best.monitor else ""),
                 metadata=artifact_metadata(result),
@@ -375,13 +456,13 @@ def _publish_one(wandb, result, config: PublishConfig, mode: str, *, session_id,
             alias = "best" if best.is_best else "claimed-best"
             run.log_artifact(art, aliases=[alias])
             art_ref = f"{art.name}:{alias}"
-        info = WandbRun(target=result.target, run_id=run.id, name=result.target[:128], mode=mode,
+        info = WandbRun(target=result.target, run_id=run.id, name=name.run_name, mode=mode,
                         run_dir=Path(run.dir).parent, url=run.url if mode == "online" else None, artifact=art_ref)
         try:
             run.finish()
         except TimeoutError:
             # Online upload slower than finish_timeout: the run is complete on disk, only the upload is not.
-            warnings.append(f"W&B upload of {result.target} did not finish within {config.finish_timeout:g} s; "
+            warnings.append(f"W&B upload of {name.label} did not finish within {config.finish_timeout:g} s; "
                             f"the run is kept in {info.run_dir}; upload it with `wandb sync {info.run_dir}`")
         run = None
         return info

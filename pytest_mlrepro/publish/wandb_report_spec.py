@@ -26,8 +26,15 @@ MEDIA_KEYS = ["plots/metrics", "plots/step_divergence"]
 
 
 def build_spec(results, runs, config: PublishConfig, *, session_id: str) -> dict:
-    """The report spec for a session: where its runs are, what to plot, the verdict table."""
-    by_target = {r.target: r for r in runs}
+    """The report spec for a session: where its runs are, what to plot, the verdict table.
+
+    Runs are matched to results by their ``audit`` index (a target audited twice has two runs),
+    else by target; each audit carries its session-unique ``name``.
+    """
+    from .naming import audit_names
+
+    results = list(results)
+    run_of = _runs_by_audit(results, runs)
     metrics: list = []
     for res in results:
         for rep in res.replicas:
@@ -50,15 +57,28 @@ def build_spec(results, runs, config: PublishConfig, *, session_id: str) -> dict
         "audits": [
             {
                 "target": res.target,
+                "name": name.label,
                 "verdict": res.verdict,
                 "first_divergence": first_divergence_text(res),
                 "cause": cause_text(res),
                 "findings": [[f.check, f.verdict] for f in res.findings],
-                "run_id": by_target[res.target].run_id if res.target in by_target else None,
+                "run_id": run_of[i].run_id if i in run_of else None,
             }
-            for res in results
+            for i, (res, name) in enumerate(zip(results, audit_names(results)))
         ],
     })
+
+
+def _runs_by_audit(results: list, runs) -> dict:
+    """``{result index: run}``: by each run's ``audit`` index, else by target (first unclaimed)."""
+    out: dict = {}
+    for run in runs:
+        i = getattr(run, "audit", None)
+        if i is None:
+            i = next((j for j, r in enumerate(results) if r.target == run.target and j not in out), None)
+        if i is not None:
+            out[i] = run
+    return out
 
 
 def spec_path(config: PublishConfig, session_id: str) -> Path:
@@ -99,7 +119,7 @@ def _markdown_table(spec: dict) -> str:
     lines = ["| target | verdict | first divergence | cause | checks |", "|---|---|---|---|---|"]
     for a in spec["audits"]:
         checks = ", ".join(f"{c}: {v}" for c, v in a.get("findings", []))
-        lines.append(f"| {cell(a['target'])} | **{cell(a['verdict'])}** | {cell(a.get('first_divergence'))} | "
+        lines.append(f"| {cell(a.get('name') or a['target'])} | **{cell(a['verdict'])}** | {cell(a.get('first_divergence'))} | "
                      f"{cell(a.get('cause'))} | {cell(checks)} |")
     return "\n".join(lines)
 

@@ -97,7 +97,7 @@ def published(tmp_path_factory, sample_results, wandb_home, checkpoint_file):
     from types import SimpleNamespace
 
     from pytest_mlrepro.publish import PublishConfig, publish_session
-    from pytest_mlrepro.publish.wandb_reader import read_run
+    from pytest_mlrepro.wandb_offline import read_run
 
     root = tmp_path_factory.mktemp("published")
     results = [sample_results[k] for k in ("deterministic", "nondeterministic", "checkpoint", "error", "checks")]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -99,6 +100,7 @@ def test_build_refuses_what_is_not_an_audit_result(results):
         (lambda d: d["outputs"]["wandb_runs"].append({"target": "t"}), "outputs.wandb_runs[0].run_id: missing"),
         (lambda d: d["audits"][0].update(deterministic=1), "audits[0].deterministic: expected bool, got int"),
         (lambda d: d["audits"][4].update(kind="check"), "audits[4].kind: 'check' is not one of"),
+        (lambda d: d["audits"][0].update(final_fingerprints=["ab"]), "audits[0].final_fingerprints: expected dict, got list"),
     ],
 )
 def test_validation_names_the_field(results, edit, problem):
@@ -198,3 +200,83 @@ def test_a_checkpoint_that_is_not_the_best_is_not_published_as_best():
     summary = run_summary(result)
     assert summary["best_epoch"] == 2 and summary["best_val_loss"] == 0.4 and summary["checkpoint_epoch"] == 4
     assert artifact_metadata(result) == {"val_loss": 0.47}
+
+
+# --- check_report_path: the session-start check -----------------------------------------------
+
+
+def test_check_report_path_creates_missing_folders_and_leaves_nothing_else(tmp_path):
+    from pytest_mlrepro.publish import check_report_path
+
+    target = tmp_path / "out" / "nested" / "report.json"
+    assert check_report_path(target) is None
+    assert target.parent.is_dir() and list(target.parent.iterdir()) == []  # the probe file is gone, no report yet
+    check_report_path(target)  # an existing folder is fine too
+    write_report(target, build_report([], SESSION))
+    check_report_path(target)  # so is an existing report (it is replaced at the end)
+
+
+def test_check_report_path_refuses_a_folder(tmp_path):
+    from pytest_mlrepro.errors import MlreproError
+    from pytest_mlrepro.publish import check_report_path
+
+    with pytest.raises(PublishError, match=rf"report path {re.escape(str(tmp_path))} is a folder") as info:
+        check_report_path(tmp_path)
+    assert isinstance(info.value, MlreproError)
+
+
+def test_check_report_path_refuses_a_folder_it_cannot_create(tmp_path):
+    from pytest_mlrepro.publish import check_report_path
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    target = blocker / "sub" / "report.json"
+    with pytest.raises(PublishError, match=rf"cannot write the report {re.escape(str(target))}: cannot create its folder "
+                                           rf"{re.escape(str(target.parent))} \(.+\)"):
+        check_report_path(target)
+    assert blocker.read_text() == "x"
+
+
+def test_check_report_path_proves_the_folder_writable_by_writing(tmp_path, monkeypatch):
+    """os.access says yes to root and on read-only mounts; only creating a file proves it."""
+    import errno
+    import tempfile
+
+    from pytest_mlrepro.publish import check_report_path
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    target = tmp_path / "report.json"
+    with pytest.raises(PublishError, match=rf"cannot write the report {re.escape(str(target))}: its folder "
+                                           rf"{re.escape(str(tmp_path))} is not writable \(Permission denied\)"):
+        check_report_path(target)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_check_report_path_refuses_a_read_only_folder(tmp_path):
+    from pytest_mlrepro.publish import check_report_path
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(PublishError, match="is not writable"):
+            check_report_path(ro / "report.json")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_check_report_path_imports_neither_torch_nor_wandb(tmp_path):
+    """The plugin calls it in pytest_configure, where heavy imports would slow every pytest run."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pytest_mlrepro.publish.json_report import check_report_path; "
+            f"check_report_path({str(tmp_path / 'd' / 'r.json')!r}); "
+            "print(sorted(m for m in ('torch', 'wandb', 'numpy', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "[]", out.stderr
+    assert (tmp_path / "d").is_dir()

@@ -109,3 +109,59 @@ def test_best_checkpoint_details_are_read_leniently_but_checked():
     stop = Finding("best_checkpoint.history", "pass", "", {"stopped_epoch": 3.5})
     with pytest.raises(PublishError, match="stopped_epoch"):
         early_stop_epoch(result(stop))
+
+
+def _disputed(sample_results, *, claimed_epoch: int, claimed: dict, failing: str):
+    """The checkpoint sample with a best checkpoint whose ``failing`` check failed on ``claimed``."""
+    r = AuditResult.from_dict(sample_results["checkpoint"].to_dict())
+    reload, history = r.findings[0], r.findings[1]
+    reload.details.update(best_epoch=claimed_epoch, recorded_metrics=dict(claimed))
+    history.details.update(best_epoch=claimed_epoch)
+    {"reload": reload, "history": history}[failing].verdict = "fail"
+    return r
+
+
+def _line(ax, label):
+    return next(line for line in ax.get_lines() if line.get_label() == label)
+
+
+def test_a_checkpoint_claiming_the_wrong_epoch_is_drawn_beside_the_history(sample_results, tmp_path):
+    """The file says epoch 4 (val_loss 0.47) is best; the history's best is epoch 2 (0.4). Both are drawn,
+    distinguishable, so the picture shows the failure instead of the history alone."""
+    r = _disputed(sample_results, claimed_epoch=4, claimed={"val_loss": 0.47, "val_acc": 0.78, "train_loss": 0.35},
+                  failing="history")
+    ax = metrics_figure(r).get_axes()[0]
+    assert _legend(ax) == [
+        "replica 0", "replica 1", "logged history: best epoch 2 (val_loss, min)", "logged history: val_loss at best epoch 2",
+        "claimed by checkpoint: best epoch 4", "claimed by checkpoint: val_loss=0.47 at epoch 4", "early stop at epoch 4"]
+    assert _vlines(ax)["logged history: best epoch 2 (val_loss, min)"] == 2
+    assert _vlines(ax)["claimed by checkpoint: best epoch 4"] == 4
+    logged = _line(ax, "logged history: val_loss at best epoch 2")
+    claim = _line(ax, "claimed by checkpoint: val_loss=0.47 at epoch 4")
+    assert (list(logged.get_xdata()), list(logged.get_ydata())) == ([2], [0.4])
+    assert (list(claim.get_xdata()), list(claim.get_ydata())) == ([4], [0.47])
+    assert claim.get_marker() != logged.get_marker() and claim.get_color() != logged.get_color()
+    replica_colors = {_line(ax, f"replica {i}").get_color() for i in (0, 1)}
+    assert claim.get_color() not in replica_colors | {_line(ax, "early stop at epoch 4").get_color()}
+    assert plot_metrics(r, tmp_path).read_bytes()[:8] == PNG
+
+
+def test_a_checkpoint_recording_other_values_is_drawn_at_its_epoch(sample_results):
+    """Right epoch, wrong numbers (the last epoch's metrics saved with the best weights): the claim is drawn
+    at epoch 2 with the values the file holds, not the history's, in every metric's panel."""
+    r = _disputed(sample_results, claimed_epoch=2, claimed={"val_loss": 0.47, "val_acc": 0.78, "train_loss": 0.35},
+                  failing="reload")
+    axes = metrics_figure(r).get_axes()
+    for ax, name, logged_y, claimed_y in zip(axes, ("val_loss", "val_acc", "train_loss"), (0.4, 0.8, 0.5), (0.47, 0.78, 0.35)):
+        logged = _line(ax, f"logged history: {name} at best epoch 2")
+        claim = _line(ax, f"claimed by checkpoint: {name}={claimed_y:.4g} at epoch 2")
+        assert (list(logged.get_xdata()), list(logged.get_ydata())) == ([2], [logged_y])
+        assert (list(claim.get_xdata()), list(claim.get_ydata())) == ([2], [claimed_y])
+        assert "claimed by checkpoint: best epoch 2" not in _legend(ax)  # same epoch: no second line
+
+
+def test_a_passing_checkpoint_draws_no_claim(sample_results):
+    best = best_checkpoint(sample_results["checkpoint"])
+    assert (best.failed, best.disputed, best.claimed_metrics) == (False, False, {"val_loss": 0.4, "val_acc": 0.8, "train_loss": 0.5})
+    for ax in metrics_figure(sample_results["checkpoint"]).get_axes():
+        assert not [t for t in _legend(ax) if "claimed" in t or "logged history" in t]

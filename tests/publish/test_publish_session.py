@@ -13,6 +13,7 @@ def test_report_and_plots_beside_it(tmp_path, sample_results):
     config = PublishConfig(report_path=tmp_path / "out.json", wandb_mode="disabled")
     outcome = publish_session(results, config, session_info={"command": "pytest"})
     assert outcome.warnings == [] and outcome.report_path == tmp_path / "out.json"
+    assert outcome.errors == [] and outcome.ok
     assert outcome.plots_dir == tmp_path / "out-plots"
     assert {t: [p.name.rsplit("-", 1)[-1] for p in ps] for t, ps in outcome.plots.items()} == {
         results[0].target: ["metrics.png"], results[1].target: ["metrics.png", "divergence.png"]}
@@ -28,15 +29,19 @@ def test_explicit_plots_dir_without_report(tmp_path, sample_results):
     assert outcome.report_path is None and len(list((tmp_path / "pngs").glob("*.png"))) == 2
 
 
-def test_report_in_a_missing_folder_warns_and_writes_nothing(tmp_path, sample_results):
+def test_report_in_a_missing_folder_is_an_error_and_writes_nothing(tmp_path, sample_results):
+    """At the end of a session nothing is created (check_report_path does that at its start): a
+    vanished folder is an error, which must fail the run, and not a mere warning."""
     results = [sample_results["nondeterministic"]]
     config = PublishConfig(report_path=tmp_path / "missing" / "r.json", wandb_mode="disabled")
     outcome = publish_session(results, config)
     assert outcome.report_path is None and results[0].verdict == "nondeterministic"
-    assert len(outcome.warnings) == 2
-    assert outcome.warnings[0].startswith("plots not written to disk: cannot write plots into")
-    assert outcome.warnings[1].startswith("JSON report not written: cannot write the report")
-    assert f"{tmp_path / 'missing'} does not exist" in outcome.warnings[1]
+    (warning,) = outcome.warnings
+    assert warning.startswith("plots not written to disk: cannot write plots into")
+    (error,) = outcome.errors
+    assert error.startswith("JSON report not written: cannot write the report")
+    assert f"{tmp_path / 'missing'} does not exist" in error
+    assert outcome.ok is False
     assert list(tmp_path.iterdir()) == []  # neither the folder nor a plots folder was created
 
 
@@ -64,3 +69,55 @@ def test_report_is_valid_json_when_session_info_has_odd_values(tmp_path, sample_
                     session_info={"rootdir": tmp_path, "options": {"tags": ("a", "b"), "ratio": float("nan")}})
     session = json.loads((tmp_path / "r.json").read_text())["session"]
     assert session["rootdir"] == str(tmp_path) and session["options"] == {"tags": ["a", "b"], "ratio": "nan"}
+
+
+def test_a_report_write_failing_half_way_is_an_error_and_keeps_the_previous_report(tmp_path, sample_results, monkeypatch):
+    """The disk fills up while the new report is written: the old report stays whole, no temp file is
+    left, and the failure is in ``errors`` (the run must fail), not among the warnings."""
+    import errno
+    import os
+
+    config = PublishConfig(report_path=tmp_path / "r.json", plots_dir=None, wandb_mode="disabled")
+    first = publish_session([sample_results["deterministic"]], config)
+    assert first.errors == [] and first.ok and first.report_path == tmp_path / "r.json"
+    before = (tmp_path / "r.json").read_bytes()
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)  # the temp file is written, then cannot be made durable
+    outcome = publish_session([sample_results["nondeterministic"]], config)
+    monkeypatch.undo()
+    assert outcome.report_path is None and outcome.ok is False
+    assert outcome.errors == [f"JSON report not written: cannot write the report {tmp_path / 'r.json'}: No space left on device"]
+    assert not [w for w in outcome.warnings if "report" in w.lower()]
+    assert (tmp_path / "r.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r-plots", "r.json"]  # no half-written temp file
+
+
+def test_publishing_errors_are_printed_last(sample_results, tmp_path):
+    from pytest_mlrepro.publish import summary_lines
+    from pytest_mlrepro.publish.session import PublishOutcome
+
+    outcome = PublishOutcome(session_id="s", warnings=["W&B run for t not published: boom"],
+                             errors=[f"JSON report not written: cannot write the report {tmp_path}: disk full"])
+    assert summary_lines([], outcome) == ["WARNING: W&B run for t not published: boom",
+                                          f"ERROR: JSON report not written: cannot write the report {tmp_path}: disk full"]
+
+
+def test_every_error_class_of_publish_is_an_mlrepro_error():
+    """Callers catch MlreproError for 'our deliberate error'; publish/ must not raise anything else on purpose."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import pytest_mlrepro.publish as pkg
+    from pytest_mlrepro.errors import MlreproError
+
+    classes = []
+    for info in pkgutil.iter_modules(pkg.__path__):
+        module = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        classes += [c for _, c in inspect.getmembers(module, inspect.isclass)
+                    if issubclass(c, BaseException) and c.__module__ == module.__name__]
+    assert {c.__name__ for c in classes} >= {"PublishError", "_OnlineStartFailed"}
+    assert [c.__name__ for c in classes if not issubclass(c, MlreproError)] == []

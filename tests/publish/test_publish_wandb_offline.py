@@ -43,6 +43,7 @@ def test_one_offline_run_per_target_in_the_session_group(published):
 
 def test_publishing_is_quiet_and_leaves_verdicts_alone(published):
     assert [r.verdict for r in published.results] == published.verdicts_before
+    assert published.outcome.errors == []
     assert "wandb" not in published.output.lower(), published.output
     print(f"publish_session over {len(published.results)} results took {published.elapsed:.2f} s")
 

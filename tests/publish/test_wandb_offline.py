@@ -6,7 +6,7 @@ import zlib
 
 import pytest
 
-from pytest_mlrepro.publish.wandb_reader import (
+from pytest_mlrepro.wandb_offline import (
     BLOCK_SIZE,
     CHUNK_HEADER,
     FILE_HEADER,
