@@ -20,7 +20,7 @@ _LAZY = {
     "infer_direction": ("pytest_mlrepro.checkpoint.direction", "infer_direction"),
     "BestCheckpoint": ("pytest_mlrepro.checkpoint.callbacks", "BestCheckpoint"),
     "EarlyStopping": ("pytest_mlrepro.checkpoint.callbacks", "EarlyStopping"),
-    "CheckpointSpec": ("pytest_mlrepro.checkpoint_audit", "CheckpointSpec"),
+    "CheckpointSpec": ("pytest_mlrepro.checkpoint.audit", "CheckpointSpec"),
     "check_reload": ("pytest_mlrepro.checkpoint.reload", "check_reload"),
     "check_conformance": ("pytest_mlrepro.checkpoint.conformance", "check_conformance"),
     "check_comparator": ("pytest_mlrepro.checkpoint.conformance", "check_comparator"),

@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
+from .errors import MlreproError
+
 FILE_HEADER = b":W&B" + struct.pack("<HB", 0xBEE1, 0)
 BLOCK_SIZE = 32 * 1024
 CHUNK_HEADER = 7
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
-class WandbLogError(ValueError):
+class WandbLogError(MlreproError, ValueError):
     """The file is not a well-formed W&B transaction log (names the file and byte offset)."""
 
 

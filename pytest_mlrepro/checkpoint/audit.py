@@ -6,9 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-from .result import Finding
-
-REPRODUCIBLE = "best_checkpoint.reproducible"
+from ..checks import REPRODUCIBLE
+from ..result import Finding
 
 
 @dataclass(frozen=True)
@@ -50,8 +49,8 @@ def _absolute_reference(ref: str, rootdir: Path) -> str:
 
 def check_audit_checkpoint(spec: CheckpointSpec, replica_workdirs: list[Path], *, rootdir: Path,
                            deterministic: bool, timeout: Optional[float]) -> list[Finding]:
-    from .checkpoint.reload import check_reload
-    from .checkpoint.storage import CheckpointError, load_checkpoint, weights_sha256
+    from .reload import check_reload
+    from .storage import CheckpointError, load_checkpoint, weights_sha256
 
     paths = [Path(w) / spec.path for w in replica_workdirs]
     findings = list(check_reload(

@@ -13,8 +13,10 @@ import math
 import traceback
 from typing import Callable, Protocol, runtime_checkable
 
+from pytest_mlrepro.checks import CONFORMANCE, DIRECTION
 from pytest_mlrepro.checkpoint.direction import infer_direction
 from pytest_mlrepro.checkpoint.oracle import Outcome, StopSpec, simulate
+from pytest_mlrepro.errors import MlreproError
 from pytest_mlrepro.result import Finding
 
 __all__ = [
@@ -39,7 +41,7 @@ class CallbackDriver(Protocol):
     def run(self, values) -> Outcome: ...
 
 
-class UnsupportedSpec(Exception):
+class UnsupportedSpec(MlreproError):
     """Raised by a driver factory for a spec its framework cannot express (e.g. no baseline).
 
     ``check_conformance`` then discards that generated example instead of failing.
@@ -91,7 +93,7 @@ def check_conformance(
     from hypothesis import HealthCheck, Phase, given, reject, settings
     from hypothesis.errors import Unsatisfiable
 
-    from pytest_mlrepro.strategies import specs_and_sequences, stop_specs
+    from pytest_mlrepro.checkpoint.strategies import specs_and_sequences, stop_specs
 
     fields = tuple(fields) if fields is not None else OUTCOME_FIELDS
     unknown = set(fields) - set(OUTCOME_FIELDS)
@@ -146,15 +148,15 @@ def check_conformance(
                    f"{', '.join(r['differing'])}: values {r['counterexample']} with spec {r['spec']} -> "
                    f"expected {r['expected']}, observed {r['observed']}")
         details = {"monitor": monitor, **{k: v for k, v in r.items() if k != "verdict"}}
-        return Finding("early_stopping.conformance", r["verdict"], msg, details)
+        return Finding(CONFORMANCE, r["verdict"], msg, details)
     except Unsatisfiable:
-        return Finding("early_stopping.conformance", "error",
+        return Finding(CONFORMANCE, "error",
                        f"the driver rejected (UnsupportedSpec) every generated spec for monitor {monitor!r}; "
                        f"pass specs= restricted to what the callback supports",
                        {"callback": seen["name"], "monitor": monitor, "spec": None, "counterexample": None,
                         "expected": None, "observed": None})
     name = seen["name"]
-    return Finding("early_stopping.conformance", "pass",
+    return Finding(CONFORMANCE, "pass",
                    f"{name} (monitor {monitor!r}) matched the reference semantics on {seen['examples']} "
                    f"generated sequences", {"callback": name, "monitor": monitor, "spec": None,
                                             "counterexample": None, "expected": None, "observed": None,
@@ -223,24 +225,24 @@ def check_comparator(make_driver: Callable[[], CallbackDriver], *, monitor: str,
         if expected not in ("min", "max"):
             raise ValueError(f"declared_mode must be 'min' or 'max', got {expected!r}")
     except ValueError as exc:
-        return Finding("comparator.direction", "error", str(exc), details)
+        return Finding(DIRECTION, "error", str(exc), details)
     details["expected_mode"] = expected
     try:
         probe = make_driver()
         details["callback"] = callback or getattr(probe, "name", type(probe).__name__)
         observed = probe_direction(make_driver)
     except Exception as exc:
-        return Finding("comparator.direction", "error",
+        return Finding(DIRECTION, "error",
                        f"could not probe {details['callback'] or 'callback'} for monitor {monitor!r}: "
                        f"{type(exc).__name__}: {exc}", details)
     details["observed_mode"] = observed
     source = "declared" if declared_mode is not None else "direction table"
     if observed != expected:
-        return Finding("comparator.direction", "fail",
+        return Finding(DIRECTION, "fail",
                        f"{details['callback']} {('minimises' if observed == 'min' else 'maximises')} "
                        f"{monitor!r}, but it should be {'minimised' if expected == 'min' else 'maximised'} "
                        f"({source}: mode={expected!r})", details)
-    return Finding("comparator.direction", "pass",
+    return Finding(DIRECTION, "pass",
                    f"{details['callback']} optimises {monitor!r} as mode={observed!r} ({source})", details)
 
 

@@ -7,7 +7,7 @@ boundary cases, and a reported counterexample is never a rounding artefact. Sequ
 steps of exactly ``0``, ``+-min_delta`` and ``+-2*min_delta`` often, so plateaus, exact ties and
 values exactly at the ``min_delta`` boundary are common; NaN, +inf and -inf appear when allowed.
 
-    from pytest_mlrepro.strategies import stop_specs, specs_and_sequences
+    from pytest_mlrepro.checkpoint.strategies import stop_specs, specs_and_sequences  # or pytest_mlrepro.strategies
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from pytest_mlrepro.checkpoint.adapters.fastai_wandb import (
     check_fastai_wandb_best_metadata,
     metadata_differences,
 )
-from pytest_mlrepro.publish.wandb_reader import read_run
+from pytest_mlrepro.wandb_offline import read_run
 
 pytestmark = pytest.mark.frameworks
 

@@ -197,6 +197,6 @@ def _factory(monitor, *, save_model, path=None, **fixed):
 
 def supported_specs():
     """The ``StopSpec`` strategy restricted to what fastai's trackers can express."""
-    from pytest_mlrepro.strategies import stop_specs
+    from pytest_mlrepro.checkpoint.strategies import stop_specs
 
     return stop_specs(baseline=False, start_from_epoch=False, nan_policies=("ignore",))

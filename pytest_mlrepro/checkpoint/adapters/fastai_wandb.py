@@ -10,7 +10,7 @@ the last one, the best weights travel with another epoch's metrics.
 file: a real ``Learner.fit`` with the real ``SaveModelCallback`` and ``WandbCallback`` in a real W&B
 *offline* run (everything W&B writes stays under ``tmpdir``); a watcher callback notes the epochs
 ``SaveModelCallback`` saved and the MD5 of each file it wrote; then the ``run-<id>.wandb`` file is
-read back (``pytest_mlrepro.publish.wandb_reader``) and the model artifact's metadata is compared with the
+read back (``pytest_mlrepro.wandb_offline``) and the model artifact's metadata is compared with the
 Recorder's row at the epoch ``SaveModelCallback`` kept, and its file with the file saved at that
 epoch. Verdict ``fail`` names the best epoch, the epoch the metadata comes from and every differing
 value. Without a ``learner_factory`` a one-weight learner is trained for ``len(values)`` epochs with
@@ -38,7 +38,7 @@ from pytest_mlrepro.envvars import patched_environ
 
 __all__ = ["CHECK", "check_fastai_wandb_best_metadata", "metadata_differences"]
 
-CHECK = "best_checkpoint.metadata"
+from pytest_mlrepro.checks import METADATA as CHECK
 CALLBACK = "fastai.WandbCallback"
 
 # Recorder columns fastai leaves out of the artifact metadata on purpose (wandb.py:157).
@@ -65,7 +65,7 @@ def check_fastai_wandb_best_metadata(learner_factory=None, *, values=None, monit
     ``log_preds`` defaults off); ``wandb_callback_cls`` replaces fastai's class (e.g. a fixed subclass).
     Metadata strings are compared with the recorded floats within
     ``rel_tol`` (fastai writes ``str(value)``). ``read_run(run_dir)`` reads the offline run (default:
-    ``pytest_mlrepro.publish.wandb_reader.read_run``).
+    ``pytest_mlrepro.wandb_offline.read_run``).
     """
     fit_kwargs = dict(fit_kwargs or {})
     if learner_factory is None:
@@ -390,7 +390,7 @@ def _settings(wandb):
 
 
 def _default_reader():
-    from pytest_mlrepro.publish.wandb_reader import read_run
+    from pytest_mlrepro.wandb_offline import read_run
 
     return read_run
 

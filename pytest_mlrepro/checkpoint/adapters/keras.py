@@ -183,7 +183,7 @@ def _factory(monitor, *, checkpoint, dirpath=None, **fixed):
 
 def supported_specs(*, checkpoint: bool = False):
     """The ``StopSpec`` strategy restricted to what Keras can express."""
-    from pytest_mlrepro.strategies import stop_specs
+    from pytest_mlrepro.checkpoint.strategies import stop_specs
 
     if checkpoint:
         return stop_specs(nan_policies=("ignore",), min_deltas=(0.0,), baseline=False, start_from_epoch=False)

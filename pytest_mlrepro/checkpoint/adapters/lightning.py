@@ -226,7 +226,7 @@ def _factory(monitor, *, checkpoint, dirpath=None, **fixed):
 
 def supported_specs(*, checkpoint: bool = False):
     """The ``StopSpec`` strategy restricted to what Lightning can express."""
-    from pytest_mlrepro.strategies import stop_specs
+    from pytest_mlrepro.checkpoint.strategies import stop_specs
 
     return stop_specs(baseline=False, start_from_epoch=False, nan_policies=("stop_nonfinite", "ignore"),
                       min_deltas=(0.0,) if checkpoint else (0.0, 0.25, 0.5, 1.0, 2.0))

@@ -168,7 +168,7 @@ def early_stopping_factory(metric_for_best_model: str = "eval_loss", **fixed):
 
 def supported_specs():
     """The ``StopSpec`` strategy restricted to what the Trainer's callback can express."""
-    from pytest_mlrepro.strategies import stop_specs
+    from pytest_mlrepro.checkpoint.strategies import stop_specs
 
     return stop_specs(baseline=False, start_from_epoch=False, nan_policies=("ignore",)).filter(
         lambda s: s.patience >= 1)
