@@ -14,19 +14,28 @@ Integer and bool tensors compare exactly in ``bitwise`` and ``ulp`` modes; ``tol
 them as ``|a - b| <= atol + rtol * |b|``. Complex tensors compare component-wise (real and imaginary
 parts as two floats); an element differs when either part does.
 Bitwise equality implies equality in every mode, so bitwise-identical tensors take a fast path.
+
+``compare_state_files`` compares two ``torch.save``'d states one tensor at a time from memory-mapped
+files (an audit's replicas may each hold gigabytes of weights), releasing each tensor's pages once
+compared, and counts NaN/inf in the same pass over memory as the equality check.
 """
 from __future__ import annotations
 
 import math
+import os
 import struct
-from typing import Any, Mapping
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from .result import TensorDiff
+from .result import Finding, TensorDiff
 
 MODES = ("bitwise", "tolerance", "ulp")
 CHUNK_ELEMENTS = 1 << 18  # elements per pass when tensors differ: cache-sized float64/int64 temporaries
+SCAN_ELEMENTS = 1 << 16  # elements per step of the equality + NaN/inf scan: the count reads what the check just cached
 ULP_INFINITE = (1 << 63) - 1  # ulp_distance of NaN vs non-NaN (and of float64 pairs too far apart to count)
 
 # Same-width signed integer dtype used to read each float dtype's bits.
@@ -113,17 +122,192 @@ def compare_states(
     ``flatten_state`` first.
     """
     check_options(mode, atol, rtol, max_ulp)
-    flat_a, flat_b = flatten_state(a), flatten_state(b)
-    diffs = []
-    for key, value in flat_a.items():
+    return _compare_flat(flatten_state(a), flatten_state(b), (mode, float(atol), float(rtol), max_ulp)).diffs
+
+
+@dataclass
+class StateComparison:
+    """``compare_state_files``' answer: the per-tensor diffs, and per side the tensors holding NaN/inf."""
+
+    diffs: list  # list[TensorDiff], as compare_states returns them
+    nonfinite: tuple = field(default_factory=lambda: ({}, {}))  # (reference, other): {name: {"nan", "inf", "numel"}}
+    fingerprints: dict = field(default_factory=dict)  # the reference side's tensors: name -> strong fingerprint (hex)
+
+    @property
+    def equal(self) -> bool:
+        return all(d.equal for d in self.diffs)
+
+
+def compare_state_files(
+    path_a: "str | os.PathLike", path_b: "str | os.PathLike", *, mode: str = "bitwise", atol: float = 0.0,
+    rtol: float = 0.0, max_ulp: int = 0, fingerprint: bool = False,
+) -> StateComparison:
+    """``compare_states`` of two files written by ``torch.save``, streamed: both are memory-mapped
+    (``weights_only=True``) and compared one tensor at a time, each tensor's pages released once
+    compared, so the memory held is about one pair of tensors, never two whole states. Also counts NaN
+    and inf of every floating tensor on both sides, in the same pass over memory. With ``fingerprint``,
+    also the strong fingerprint of every tensor of the reference side (what a baseline keeps), taken
+    while its pages are in memory."""
+    check_options(mode, atol, rtol, max_ulp)
+    (state_a, mapped_a), (state_b, mapped_b) = _load_mapped(path_a), _load_mapped(path_b)
+    flat_a, flat_b = flatten_state(state_a), flatten_state(state_b)
+    del state_a, state_b  # only the flat dicts hold the tensors now: popping them lets each go
+    release = (_release_pages if mapped_a else None, _release_pages if mapped_b else None)
+    return _compare_flat(flat_a, flat_b, (mode, float(atol), float(rtol), max_ulp), count=True, release=release,
+                         fingerprint=fingerprint)
+
+
+def _hex_fingerprint(t: torch.Tensor) -> str:
+    from .fingerprint import fingerprint_many
+
+    return format(int(fingerprint_many([t.detach()])[0]) & (2**64 - 1), "016x")
+
+
+def count_nonfinite(t: Any) -> Optional[tuple]:
+    """(NaN count, inf count) of a floating or complex tensor (a complex element counts once if either
+    part is); None for anything else."""
+    if not isinstance(t, torch.Tensor) or not (t.is_floating_point() or t.is_complex()):
+        return None
+    t = _plain(t)
+    flat = _scan_view(t)
+    nan = inf = 0
+    for start in range(0, flat.shape[0], SCAN_ELEMENTS):
+        n, i = _nonfinite_counts(flat[start : start + SCAN_ELEMENTS])
+        nan, inf = nan + n, inf + i
+    return nan, inf
+
+
+def _compare_flat(flat_a: dict, flat_b: dict, opts: tuple, *, count: bool = False,
+                  release: tuple = (None, None), fingerprint: bool = False) -> StateComparison:
+    """Keys of ``a`` in order, then keys only in ``b``. Entries are popped as they are compared so the
+    caller's last references go with them (and ``release``, one callable or None per side, drops
+    their pages)."""
+    out = StateComparison(diffs=[])
+    release_a, release_b = release
+    for key in list(flat_a):
+        a = flat_a.pop(key)
+        if fingerprint and isinstance(a, torch.Tensor):
+            out.fingerprints[key] = _hex_fingerprint(a)
         if key in flat_b:
-            diffs.append(_compare(key, value, flat_b[key], mode, float(atol), float(rtol), max_ulp))
+            b = flat_b.pop(key)
+            diff, counts = _compare_counting(key, a, b, *opts) if count else (_compare(key, a, b, *opts), (None, None))
+            for side, c in zip(out.nonfinite, counts):
+                _note_nonfinite(side, key, c, a)
+            _release(release_a, a)
+            _release(release_b, b)
         else:
-            diffs.append(_missing(key, value, "missing_in_other", reference_side=True))
-    for key, value in flat_b.items():
-        if key not in flat_a:
-            diffs.append(_missing(key, value, "missing_in_reference", reference_side=False))
-    return diffs
+            diff = _missing(key, a, "missing_in_other", reference_side=True)
+            if count:
+                _note_nonfinite(out.nonfinite[0], key, count_nonfinite(a), a)
+            _release(release_a, a)
+        out.diffs.append(diff)
+        del a
+    for key in list(flat_b):
+        b = flat_b.pop(key)
+        out.diffs.append(_missing(key, b, "missing_in_reference", reference_side=False))
+        if count:
+            _note_nonfinite(out.nonfinite[1], key, count_nonfinite(b), b)
+        _release(release_b, b)
+        del b
+    return out
+
+
+def _note_nonfinite(side: dict, key: str, counts: Optional[tuple], value: Any) -> None:
+    if counts is not None and (counts[0] or counts[1]):
+        side[key] = {"nan": int(counts[0]), "inf": int(counts[1]), "numel": int(value.numel())}
+
+
+def _release(release: Optional[Callable[[Any], None]], value: Any) -> None:
+    if release is not None and isinstance(value, torch.Tensor):
+        release(value)
+
+
+def nonfinite_finding(nonfinite: Mapping[int, Mapping[str, dict]]) -> Optional[Finding]:
+    """The ``weights.finite`` finding from NaN/inf counts per replica (``{replica: {tensor: counts}}``,
+    as ``StateComparison.nonfinite`` gives them), or None when every final weight is finite.
+
+    Identical NaNs are bitwise equal, so a training that blows up the same way every time is
+    reproducible; this says so instead of letting it pass in silence."""
+    from .checks import FINAL_WEIGHTS
+
+    rows = [{"name": name, "replica": replica, **counts}
+            for replica, tensors in sorted(nonfinite.items()) for name, counts in tensors.items()]
+    if not rows:
+        return None
+    names = list(dict.fromkeys(row["name"] for row in rows))
+    replicas = sorted({row["replica"] for row in rows})
+    first = rows[0]
+    more = f" and {len(names) - 1} more tensor{'s' if len(names) > 2 else ''}" if len(names) > 1 else ""
+    checked = ", ".join(map(str, sorted(nonfinite)))
+    where = (f"in every replica checked ({checked})" if replicas == sorted(nonfinite) else
+             f"in replica{'s' if len(replicas) > 1 else ''} {', '.join(map(str, replicas))} (checked: {checked})")
+    message = (f"the final weights hold NaN or inf: `{first['name']}` ({first['nan']} NaN, {first['inf']} inf of "
+               f"{first['numel']} elements){more}, {where}")
+    details = {"tensors": rows, "names": names, "replicas": replicas, "replicas_checked": sorted(nonfinite)}
+    return Finding(FINAL_WEIGHTS, "fail", message, details)
+
+
+# --- streaming from files ---------------------------------------------------------------------
+
+
+def _load_mapped(path: "str | os.PathLike") -> tuple:
+    """(the state, whether it is memory-mapped): ``torch.load`` maps a zip-format file (the data stays
+    in the file until read). A legacy file cannot be mapped, and one of the other byte order would be
+    byte-swapped in memory: both are read whole (and their pages must not be released)."""
+    path = os.fspath(path)
+    if zipfile.is_zipfile(path) and _native_byte_order(path):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
+    return torch.load(path, map_location="cpu", weights_only=True), False
+
+
+def _native_byte_order(path: str) -> bool:
+    """True when the torch.save archive at ``path`` was written in this machine's byte order (an
+    archive without the record is little-endian, as torch reads it)."""
+    with zipfile.ZipFile(path) as archive:
+        record = next((n for n in archive.namelist() if n.endswith("/byteorder") or n == "byteorder"), None)
+        order = archive.read(record).decode().strip() if record else "little"
+    return order == sys.byteorder
+
+
+_MADVISE: list = []  # [madvise function or None], looked up once
+
+
+def _madvise():
+    if not _MADVISE:
+        fn = None
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+                import mmap
+
+                libc = ctypes.CDLL(None, use_errno=True)
+                fn = libc.madvise
+                fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+                fn = (fn, mmap.PAGESIZE, mmap.MADV_DONTNEED)
+            except (OSError, AttributeError, ImportError):
+                fn = None
+        _MADVISE.append(fn)
+    return _MADVISE[0]
+
+
+def _release_pages(t: torch.Tensor) -> None:
+    """Drop the pages of a memory-mapped tensor's storage from this process (Linux; elsewhere a no-op).
+
+    The mapping of ``torch.load(mmap=True)`` covers the whole file and stays until its last tensor
+    goes, so the pages read while comparing would add up to both whole states. The mapping is private
+    and never written, so a dropped page is read again from the file if it is touched again (a storage
+    two keys share). Only for tensors of a state ``_load_mapped`` mapped: on anonymous memory it
+    would zero them.
+    """
+    found = _madvise()
+    if found is None or t.device.type != "cpu" or t.layout != torch.strided:
+        return
+    madvise, page, flag = found
+    storage = t.untyped_storage()
+    begin, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    first, last = -(-begin // page) * page, end // page * page  # whole pages inside the storage only
+    if last > first:
+        madvise(first, last - first, flag)
 
 
 def flatten_state(obj: Any, prefix: str = "") -> dict:
@@ -205,26 +389,93 @@ def _compare(name: str, a: Any, b: Any, mode: str, atol: float, rtol: float, max
         flat_a, flat_b = torch.view_as_real(a).reshape(-1, 2), torch.view_as_real(b).reshape(-1, 2)
     else:
         flat_a, flat_b = a.reshape(-1), b.reshape(-1)
-    counts, maxima, ulp_maxima = [], [], []
+    # Running totals updated in place: a list of per-chunk results would leave a small allocation
+    # after every chunk's temporaries, and the heap could then not reuse them (the resident set grew
+    # by about a fifth of the tensor's size on CPU).
+    n_diff = torch.zeros((), dtype=torch.int64, device=a.device)
+    max_abs = torch.zeros((), dtype=torch.float64, device=a.device)
+    ulp_max = torch.zeros((), dtype=torch.int64, device=a.device) if is_float else None
     for start in range(0, diff.numel, CHUNK_ELEMENTS):  # chunks bound the float64/int64 temporaries
         chunk_a, chunk_b = flat_a[start : start + CHUNK_ELEMENTS], flat_b[start : start + CHUNK_ELEMENTS]
         differs, abs_diff, ulps = _element_differences(chunk_a, chunk_b, mode, atol, rtol, max_ulp)
         if complex_input:
             differs = differs.any(dim=-1)
-        counts.append(differs.sum())
-        maxima.append(abs_diff.max().to(torch.float64))
+        n_diff += differs.sum()
+        torch.maximum(max_abs, abs_diff.max().to(torch.float64), out=max_abs)
         if ulps is not None:
-            ulp_maxima.append(ulps.max())
-    scalars = [torch.stack(counts).sum(), torch.stack(maxima).max().view(torch.int64)]
-    if ulp_maxima:
-        scalars.append(torch.stack(ulp_maxima).max())
+            torch.maximum(ulp_max, ulps.max(), out=ulp_max)
+        del differs, abs_diff, ulps  # before the next chunk allocates its own
+    scalars = [n_diff, max_abs.view(torch.int64)]
+    if ulp_max is not None:
+        scalars.append(ulp_max)
     host = torch.stack(scalars).tolist()  # the one device->host transfer
     n_diff = host[0]
     diff.max_abs_diff = struct.unpack("<d", struct.pack("<q", host[1]))[0]
-    diff.max_ulp = host[2] if ulp_maxima else None
+    diff.max_ulp = host[2] if ulp_max is not None else None
     diff.fraction_differing = n_diff / diff.numel if diff.numel else 0.0
     diff.status = "different" if n_diff else "equal"
     return diff
+
+
+def _compare_counting(name: str, a: Any, b: Any, mode: str, atol: float, rtol: float, max_ulp: int) -> tuple:
+    """``_compare`` plus (NaN, inf) counts of both sides, or None for a side that is no float tensor.
+
+    Same-shape, same-dtype float tensors are scanned once, chunk by chunk, for bitwise equality and
+    non-finite values together; the counts of ``b`` are those of ``a`` wherever a chunk is bitwise
+    equal. Anything else is compared as usual and counted on its own.
+    """
+    a, b = _as_tensor_if_array(a), _as_tensor_if_array(b)
+    if not _same_float_pair(a, b):
+        return _compare(name, a, b, mode, atol, rtol, max_ulp), (count_nonfinite(a), count_nonfinite(b))
+    pa, pb = _plain(a), _plain(b).to(a.device)
+    equal, counts_a, counts_b = _scan_equal_counting(pa, pb)
+    if not equal:
+        return _compare(name, a, b, mode, atol, rtol, max_ulp), (counts_a, counts_b)
+    diff = TensorDiff(name=name, status="equal", shape=list(a.shape), other_shape=list(b.shape), dtype=str(a.dtype),
+                      other_dtype=str(b.dtype), numel=a.numel(), max_abs_diff=0.0, fraction_differing=0.0, max_ulp=0)
+    return diff, (counts_a, counts_b)
+
+
+def _same_float_pair(a: Any, b: Any) -> bool:
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype
+            and (a.is_floating_point() or a.is_complex()))
+
+
+def _scan_view(t: torch.Tensor) -> torch.Tensor:
+    """Flat view to scan: complex as [n, 2] (real, imag) rows, everything else 1-D."""
+    return torch.view_as_real(t).reshape(-1, 2) if t.is_complex() else t.reshape(-1)
+
+
+def _scan_equal_counting(a: torch.Tensor, b: torch.Tensor) -> tuple:
+    """(bitwise equal, (NaN, inf) of a, (NaN, inf) of b) in one pass over memory."""
+    fa, fb = _scan_view(a), _scan_view(b)
+    equal, nan_a, inf_a, nan_b, inf_b = True, 0, 0, 0, 0
+    for start in range(0, fa.shape[0], SCAN_ELEMENTS):
+        ca, cb = fa[start : start + SCAN_ELEMENTS], fb[start : start + SCAN_ELEMENTS]
+        same = torch.equal(_bits(ca), _bits(cb))
+        n, i = _nonfinite_counts(ca)
+        nan_a, inf_a = nan_a + n, inf_a + i
+        if not same:
+            equal = False
+            n, i = _nonfinite_counts(cb)
+        nan_b, inf_b = nan_b + n, inf_b + i
+    return equal, (nan_a, inf_a), (nan_b, inf_b)
+
+
+def _nonfinite_counts(chunk: torch.Tensor) -> tuple:
+    """(NaN, inf) counts of one chunk (rows of a complex view count once): one kernel in the usual
+    all-finite case, the split only when something is not finite."""
+    if chunk.element_size() == 1:  # float8: isfinite/isnan may lack a kernel
+        chunk = chunk.to(torch.float32)
+    bad = torch.isfinite(chunk).logical_not_()
+    if chunk.dim() == 2:
+        bad = bad.any(dim=1)
+    n_bad = int(bad.sum())
+    if not n_bad:
+        return 0, 0
+    nan = torch.isnan(chunk)
+    n_nan = int((nan.any(dim=1) if chunk.dim() == 2 else nan).sum())
+    return n_nan, n_bad - n_nan
 
 
 def _element_differences(a: torch.Tensor, b: torch.Tensor, mode: str, atol: float, rtol: float, max_ulp: int):

@@ -53,6 +53,25 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.view(-1) if t.is_contiguous() else t.reshape(-1)
 
 
+def sample_indices(t: torch.Tensor) -> torch.Tensor:
+    """``SAMPLES_PER_TENSOR`` evenly spread flat indices into ``t`` (first and last included), on its device.
+
+    Integer arithmetic: a float32 ``linspace`` rounds indices past 2**24 (16.8 M elements), up to one
+    past the end for a GPT-2 embedding. No element is left out of the trace by this: the word sums
+    cover every element, the samples only feed the divergence curve.
+    """
+    n = _flat_numel(t)
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long, device=t.device)
+    steps = torch.arange(SAMPLES_PER_TENSOR, dtype=torch.long, device=t.device)
+    return steps * (n - 1) // (SAMPLES_PER_TENSOR - 1)
+
+
+def _flat_numel(t: torch.Tensor) -> int:
+    """Length of ``_flat(t)``: complex elements count twice (real and imaginary parts)."""
+    return t.numel() * 2 if t.is_complex() else t.numel()
+
+
 def _compiling() -> bool:
     """True while torch.compile traces a module: our Python hooks must stay out of its graph."""
     compiler = getattr(torch, "compiler", None)
@@ -199,10 +218,7 @@ class Tracer:
                     self.param_names.append(f"<optimizer{opt_idx}.group{g}.param{j}>")
                 indices.append(self._param_index[id(p)])
         self._opt_indices.append(indices)
-        self._opt_samples.append([
-            torch.linspace(0, max(self._params[i].numel() - 1, 0), SAMPLES_PER_TENSOR, device=self._params[i].device).long()
-            if self._params[i].numel() else torch.zeros(0, dtype=torch.long, device=self._params[i].device)
-            for i in indices])
+        self._opt_samples.append([sample_indices(self._params[i]) for i in indices])
         self._opt_uniform.append(len({self._params[i].dtype for i in indices}) <= 1)
         self._name_modules()
         self._record("init", opt_idx)
