@@ -1,5 +1,10 @@
 """Run replicas: each in a fresh interpreter (default) or in this process, with a timeout that
-kills the whole process tree (DataLoader workers included) so nothing is left behind."""
+kills the whole process tree (DataLoader workers included) so nothing is left behind.
+
+A replica process runs in its own session with a unique token in its environment
+(``process_tree``): its tree is killed on timeout, when it ends (whatever it left running), when
+this process gets SIGTERM / SIGHUP / SIGINT (then :class:`process_tree.Interrupted` is raised), and
+by the replica itself when this process dies."""
 from __future__ import annotations
 
 import json
@@ -13,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from . import process_tree
 from .errors import ReplicaError
 from .replica import ReplicaSpec, run_replica
 from .seeding import child_environment
@@ -33,30 +39,22 @@ class ReplicaOutput:
 
         return torch.load(self.out_dir / "trace.pt", weights_only=True)
 
-    def weights(self) -> dict:
+    @property
+    def weights_path(self) -> Path:
+        """The replica's final weights (``torch.save`` format); ``compare.compare_state_files`` streams them."""
+        return self.out_dir / "weights.pt"
+
+    def weights(self, *, mmap: bool = False) -> dict:
+        """The final weights, read whole; ``mmap=True`` maps the file instead (pages are read on use)."""
         import torch
 
-        return torch.load(self.out_dir / "weights.pt", weights_only=True)
+        return torch.load(self.weights_path, weights_only=True, mmap=mmap)
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """Kill the replica's process group, then any descendant that left it."""
-    descendants = []
-    try:
-        import psutil
-
-        descendants = psutil.Process(proc.pid).children(recursive=True)
-    except Exception:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    for child in descendants:
-        try:
-            child.kill()
-        except Exception:
-            pass
+def _kill_tree(proc: subprocess.Popen, token: Optional[str], release) -> None:
+    """Kill the replica with its whole tree (descendants, token holders, its group and session), then reap it."""
+    process_tree.kill_tree(proc.pid, token)
+    release()
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
@@ -72,13 +70,17 @@ def _tail(path: Path, limit: int = 4000) -> str:
 
 
 def run(spec: ReplicaSpec, out_dir: Path, *, isolation: str, timeout: Optional[float], hash_seed: Optional[str]) -> ReplicaOutput:
-    """Run one replica; raise ReplicaError (with the replica's traceback) if it fails."""
+    """Run one replica; raise ReplicaError (with the replica's traceback) if it fails.
+
+    SIGTERM / SIGHUP / SIGINT meanwhile kill the replica's tree and raise ``process_tree.Interrupted``
+    (a KeyboardInterrupt)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if isolation == "inprocess":
-        ok = _run_inprocess(spec, out_dir, timeout)
-    else:
-        ok = _run_subprocess(spec, out_dir, timeout, hash_seed)
+    with process_tree.interrupt_on_signals():
+        if isolation == "inprocess":
+            ok = _run_inprocess(spec, out_dir, timeout)
+        else:
+            ok = _run_subprocess(spec, out_dir, timeout, hash_seed)
     if not ok:
         err_path = out_dir / "error.json"
         if err_path.exists():
@@ -94,6 +96,52 @@ def run(spec: ReplicaSpec, out_dir: Path, *, isolation: str, timeout: Optional[f
     return ReplicaOutput(spec.index, out_dir)
 
 
+_SIGNAL_HINTS = {
+    "SIGSEGV": "a crash in native code (a C/C++/CUDA extension, or a corrupted tensor); the replica's stderr "
+               "below has the Python stack at the crash",
+    "SIGBUS": "a bad memory access in native code (often a full /dev/shm with DataLoader workers)",
+    "SIGABRT": "native code aborted (a failed C/C++ assertion or a fatal library error; see stderr)",
+    "SIGFPE": "an arithmetic fault in native code",
+    "SIGILL": "an illegal instruction (a library built for another CPU)",
+}
+
+
+def _wait_exited(proc: subprocess.Popen, timeout: Optional[float]) -> None:
+    """Block until the replica has exited, without reaping it: until it is reaped its pid (and with it
+    its process group and session id) cannot be reused, so the sweep after it kills nothing unrelated.
+    Raise ``subprocess.TimeoutExpired`` past ``timeout``."""
+    if not hasattr(os, "waitid"):
+        proc.wait(timeout=timeout)
+        return
+    flags = os.WEXITED | os.WNOWAIT
+    try:
+        if timeout is None:
+            os.waitid(os.P_PID, proc.pid, flags)
+            return
+        deadline, delay = time.monotonic() + timeout, 0.001
+        while os.waitid(os.P_PID, proc.pid, flags | os.WNOHANG) is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise subprocess.TimeoutExpired(proc.args, timeout)
+            delay = min(delay * 2, remaining, 0.05)
+            time.sleep(delay)
+    except ChildProcessError:  # someone else reaped it (a SIGCHLD handler): proc.wait() copes
+        return
+
+
+def _signal_error(spec: ReplicaSpec, out_dir: Path, signum: int) -> ReplicaError:
+    name = process_tree.signal_name(signum)
+    if name == "SIGKILL":
+        hint = ("no timeout fired, so the kernel's OOM killer is the likely sender (the machine ran out of memory: "
+                "look for 'Out of memory' in `dmesg` or `journalctl -k`), unless someone killed it by hand")
+    else:
+        hint = _SIGNAL_HINTS.get(name, "something sent it that signal, or it raised it itself")
+    if (out_dir / "meta.json").exists():
+        hint += "; it had already written its results (it died while shutting down)"
+    return ReplicaError(f"replica {spec.index} of {spec.target.display} was killed by signal {name} ({signum}): {hint}",
+                        replica=spec.index, traceback=_tail(out_dir / "stderr.txt"), kind="signal")
+
+
 def _run_subprocess(spec: ReplicaSpec, out_dir: Path, timeout: Optional[float], hash_seed: Optional[str]) -> bool:
     Path(spec.workdir).mkdir(parents=True, exist_ok=True)
     spec_path = out_dir / "spec.pkl"
@@ -103,38 +151,38 @@ def _run_subprocess(spec: ReplicaSpec, out_dir: Path, timeout: Optional[float], 
     # the replica must import this very package, wherever pytest loaded it from
     package_root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([package_root, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
+    token = process_tree.new_token()
+    env[process_tree.TOKEN_ENV] = token  # inherited by everything the replica starts: how we find its tree
+    env[process_tree.PARENT_ENV] = str(os.getpid())  # the replica dies (with its tree) when we do
     cmd = [sys.executable, "-m", "pytest_mlrepro.replica", str(spec_path), str(out_dir)]
     with open(out_dir / "stdout.txt", "wb") as out, open(out_dir / "stderr.txt", "wb") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
                                 cwd=spec.cwd or spec.workdir, start_new_session=True)
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_tree(proc)
-            raise ReplicaError(
-                f"replica {spec.index} of {spec.target.display} hung past the timeout of {timeout:g}s and was killed "
-                "(with its process tree)", replica=spec.index, traceback=_tail(out_dir / "stderr.txt"), kind="timeout",
-            ) from None
-        except BaseException:
-            _kill_tree(proc)
-            raise
-        if _has_leftovers(proc):  # e.g. DataLoader workers orphaned by a crash
-            _kill_tree(proc)
+        with process_tree.tracked(proc.pid, token) as release:
+            try:
+                _wait_exited(proc, timeout)
+            except subprocess.TimeoutExpired:
+                _kill_tree(proc, token, release)
+                raise ReplicaError(
+                    f"replica {spec.index} of {spec.target.display} hung past the timeout of {timeout:g}s and was killed "
+                    "(with its process tree)", replica=spec.index, traceback=_tail(out_dir / "stderr.txt"), kind="timeout",
+                ) from None
+            except BaseException:
+                _kill_tree(proc, token, release)
+                raise
+            # whatever it started and left running (DataLoader workers orphaned by a crash, a daemon
+            # that double-forked away) goes too, swept before the replica is reaped
+            process_tree.kill_tree(proc.pid, token)
+            release()
+            code = proc.wait()
+    if code < 0 and not (out_dir / "error.json").exists():
+        raise _signal_error(spec, out_dir, -code)
     if code != 0 and not (out_dir / "error.json").exists():
         (out_dir / "error.json").write_text(json.dumps({
             "type": "ExitStatus", "message": f"replica process exited with status {code}",
             "traceback": _tail(out_dir / "stderr.txt"),
         }))
     return code == 0
-
-
-def _has_leftovers(proc: subprocess.Popen) -> bool:
-    """True when something the replica started is still alive in its process group."""
-    try:
-        os.killpg(proc.pid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
 
 
 class _Alarm:
