@@ -1,6 +1,7 @@
 """``audit()``: run a seeded training several times and say whether, and where, the weights differ."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -9,20 +10,18 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from . import causes, environment, localize
-from .errors import MlreproError, ReplicaError, TargetError
+from .config import AUDIT_OPTIONS, AuditConfig
+from .errors import ConfigError, MlreproError, ReplicaError, TargetError
 from .replica import ReplicaSpec
 from .result import AuditError, AuditResult, Divergence, NondeterministicOp, ReplicaSummary
-from .runner import ISOLATION_MODES, ReplicaOutput, run
-from .seeding import SEEDING_MODES, replica_entropy, replica_hash_seed
+from .runner import ReplicaOutput, run
+from .seeding import replica_entropy, replica_hash_seed
+from .process_tree import interrupt_on_signals
 from .targets import TargetSpec, resolve
-
-DEVICES = ("auto", "cpu", "cuda")
-COMPARE_MODES = ("bitwise", "tolerance", "ulp")
 
 
 def resolve_device(device: str) -> str:
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    """The concrete device of an audit: "auto" becomes cuda when torch sees one, else cpu."""
     import torch
 
     if device == "auto":
@@ -33,101 +32,47 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _validate(runs: int, isolation: str, seeding: Optional[str], mode: str, atol: float, rtol: float, max_ulp: int,
-              timeout: Optional[float], seed: int) -> None:
-    if not isinstance(runs, int) or isinstance(runs, bool) or runs < 2:
-        raise ValueError(f"runs must be an integer >= 2, got {runs!r}")
-    if isolation not in ISOLATION_MODES:
-        raise ValueError(f"isolation must be one of {ISOLATION_MODES}, got {isolation!r}")
-    if seeding is not None and seeding not in SEEDING_MODES:
-        raise ValueError(f"seeding must be one of {SEEDING_MODES} or None, got {seeding!r}")
-    if mode not in COMPARE_MODES:
-        raise ValueError(f"mode must be one of {COMPARE_MODES}, got {mode!r}")
-    if atol < 0 or rtol < 0 or max_ulp < 0:
-        raise ValueError("atol, rtol and max_ulp must be >= 0")
-    if timeout is not None and not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-
-
 def audit(
     target: Union[str, os.PathLike, Callable],
+    config: Optional[AuditConfig] = None,
     *,
-    args: tuple = (),
-    kwargs: Optional[dict] = None,
-    seed: int = 0,
-    runs: int = 2,
-    device: str = "auto",
-    isolation: str = "process",
-    timeout: Optional[float] = None,
-    seeding: Optional[str] = None,
-    deterministic: bool = True,
-    mode: str = "bitwise",
-    atol: float = 0.0,
-    rtol: float = 0.0,
-    max_ulp: int = 0,
-    localize_divergence: bool = True,
-    diagnose: bool = True,
     workdir: Optional[Union[str, os.PathLike]] = None,
     rootdir: Optional[Union[str, os.PathLike]] = None,
-    checkpoint: Optional[Any] = None,
-    cwd: str = "replica",
-    trace_every: int = 1,
+    localize_divergence: bool = True,
+    diagnose: bool = True,
+    **overrides: Any,
 ) -> AuditResult:
     """Run ``target`` ``runs`` times with the same seed and compare the final weights.
 
-    ``seeding`` defaults to "harness" for functions and "program" for scripts. ``workdir`` holds each
-    replica's outputs and working folder; when not given a temporary folder is used and removed.
-    ``checkpoint`` (a ``CheckpointSpec`` or dict: path, evaluate, model_factory, tolerance) adds the
-    best-checkpoint checks: reload + re-evaluate replica 0's best, and the same best in every replica.
-    ``cwd``: "replica" runs each replica in its own private folder (``ctx.workdir``; nothing lands in
-    your tree and replicas cannot overwrite each other's files), "rootdir" in ``rootdir`` (for
-    programs that read data through relative paths; they must not write there in ways that collide).
-    ``trace_every``: fingerprint the weights after every k-th optimizer step (1: every step). A
-    larger k cuts the trace's cost by k; when replicas differ, a dense re-trace up to the first
-    differing recorded step still finds the exact first divergent step.
-    Bad arguments raise; a failing target gives a result whose ``error`` says why.
+    ``config`` (an :class:`~pytest_mlrepro.config.AuditConfig`) holds the settings; keyword
+    ``overrides`` change single ones (``audit("train.py", seed=1, runs=3)``). Every value is checked
+    before anything runs: a bad one raises :class:`~pytest_mlrepro.errors.ConfigError` (a ValueError).
+    ``workdir`` holds each replica's outputs and working folder; when not given a temporary folder is
+    used and removed. ``rootdir`` is where relative references resolve (default: the current folder).
+    Bad targets raise; a failing target gives a result whose ``error`` says why. The options
+    (see docs and :data:`pytest_mlrepro.config.OPTIONS`):
     """
-    _validate(runs, isolation, seeding, mode, atol, rtol, max_ulp, timeout, seed)
-    if not isinstance(trace_every, int) or isinstance(trace_every, bool) or trace_every < 1:
-        raise ValueError(f"trace_every must be an integer >= 1, got {trace_every!r}")
-    if cwd not in ("replica", "rootdir"):
-        raise ValueError(f"cwd must be 'replica' or 'rootdir', got {cwd!r}")
-    if checkpoint is not None:
-        from .checkpoint_audit import CheckpointSpec
-
-        checkpoint = CheckpointSpec.coerce(checkpoint)
-        if cwd == "rootdir":
-            raise ValueError("checkpoint checks need cwd='replica': with cwd='rootdir' every replica writes the "
-                             "same checkpoint file, so their best checkpoints cannot be compared")
+    if config is not None and not isinstance(config, AuditConfig):
+        raise ConfigError(f"config must be an AuditConfig, got {type(config).__name__}; pass single options as keywords")
+    config = (config or AuditConfig()).merged(overrides)
     spec = resolve(target, rootdir=rootdir)
-    if spec.kind == "callable" and isolation == "process":
+    if spec.kind == "callable" and config.isolation == "process":
         raise TargetError(
             f"target {spec.display} cannot be run in a fresh process: it is not importable by reference (a lambda, "
             "a closure or a callable object). Define it at module level, pass 'file.py:function', or use "
             "isolation='inprocess'")
-    device = resolve_device(device)
-    seeding = seeding or spec.default_seeding
-    comparison = {"mode": mode, "atol": atol, "rtol": rtol, "max_ulp": max_ulp}
-    result = AuditResult(target=spec.display, seed=seed, runs=runs, device=device, isolation=isolation,
-                         seeding=seeding, comparison=comparison, deterministic=False)
+    config = dataclasses.replace(config, device=resolve_device(config.device),
+                                 seeding=config.seeding or spec.default_seeding)
+    result = AuditResult(target=spec.display, seed=config.seed, runs=config.runs, device=config.device,
+                         isolation=config.isolation, seeding=config.seeding, comparison=config.comparison,
+                         deterministic=False)
     owned = workdir is None
     root = Path(tempfile.mkdtemp(prefix="mlrepro-")) if owned else Path(workdir).resolve()  # replicas run elsewhere
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
-        run = _Audit(spec, result, root, args=tuple(args), kwargs=dict(kwargs or {}), device=device, seeding=seeding,
-                     deterministic=deterministic, timeout=timeout, isolation=isolation,
-                     cwd=str(Path(rootdir or Path.cwd()).resolve()) if cwd == "rootdir" else None,
-                     trace_every=trace_every)
-        run.execute(localize_divergence=localize_divergence, diagnose=diagnose)
-        if checkpoint is not None and result.error is None:
-            from .checkpoint_audit import check_audit_checkpoint
-
-            result.findings.extend(check_audit_checkpoint(
-                checkpoint, [root / f"replica-{i}" / "work" for i in range(runs)],
-                rootdir=Path(rootdir) if rootdir else Path.cwd(), deterministic=deterministic, timeout=timeout))
+        with interrupt_on_signals():  # SIGTERM between replicas too: stop, remove the owned folder
+            _execute(spec, result, root, config, rootdir, localize_divergence, diagnose)
     finally:
         result.wall_time_s = time.perf_counter() - started
         if owned:
@@ -135,15 +80,31 @@ def audit(
     return result
 
 
+def _execute(spec: TargetSpec, result: AuditResult, root: Path, config: AuditConfig, rootdir,
+             localize_divergence: bool, diagnose: bool) -> None:
+    """The replicas, their comparison and diagnosis, then the best-checkpoint checks."""
+    run = _Audit(spec, result, root, config,
+                 cwd=str(Path(rootdir or Path.cwd()).resolve()) if config.cwd == "rootdir" else None)
+    run.execute(localize_divergence=localize_divergence, diagnose=diagnose)
+    if config.checkpoint is not None and result.error is None:
+        from .checkpoint.audit import check_audit_checkpoint
+
+        result.findings.extend(check_audit_checkpoint(
+            config.checkpoint, [root / f"replica-{i}" / "work" for i in range(config.runs)],
+            rootdir=Path(rootdir) if rootdir else Path.cwd(), deterministic=config.deterministic,
+            timeout=config.timeout))
+
+
+audit.__doc__ += "".join(f"\n    - ``{o.name}`` (default {o.default!r}): {o.help}." for o in AUDIT_OPTIONS)
+
+
 class _Audit:
     """One audit's run: replicas, comparison, localization, diagnosis."""
 
-    def __init__(self, spec: TargetSpec, result: AuditResult, root: Path, *, args, kwargs, device, seeding,
-                 deterministic, timeout, isolation, cwd=None, trace_every=1):
-        self.cwd, self.trace_every = cwd, trace_every
-        self.spec, self.result, self.root = spec, result, root
-        self.args, self.kwargs, self.device, self.seeding = args, kwargs, device, seeding
-        self.deterministic, self.timeout, self.isolation = deterministic, timeout, isolation
+    def __init__(self, spec: TargetSpec, result: AuditResult, root: Path, config: AuditConfig, *,
+                 cwd: Optional[str] = None):
+        self.spec, self.result, self.root, self.config, self.cwd = spec, result, root, config, cwd
+        self.trace_every, self.isolation = config.trace_every, config.isolation
         self.inherit_hash_seed = "PYTHONHASHSEED" in os.environ
 
     def _hash_seed(self, index: int, pinned: Optional[str] = None) -> Optional[str]:
@@ -154,16 +115,16 @@ class _Audit:
     def _run(self, index: int, label: str, *, replay_step: Optional[int] = None, hash_seed: Optional[str] = None,
              dense_until: Optional[int] = None) -> ReplicaOutput:
         folder = self.root / f"{label}-{index}"
-        spec = ReplicaSpec(target=self.spec, index=index, seed=self.result.seed, seeding=self.seeding, device=self.device,
-                           deterministic=self.deterministic, workdir=str(folder / "work"), args=self.args,
-                           kwargs=self.kwargs, replay_step=replay_step, cwd=self.cwd,
+        spec = ReplicaSpec(target=self.spec, index=index, config=self.config, workdir=str(folder / "work"),
+                           replay_step=replay_step, cwd=self.cwd,
                            trace_every=1 if dense_until is not None else self.trace_every, stop_after=dense_until,
                            entropy=replica_entropy(self.result.seed, index))
-        return run(spec, folder / "out", isolation=self.isolation, timeout=self.timeout,
+        return run(spec, folder / "out", isolation=self.isolation, timeout=self.config.timeout,
                    hash_seed=hash_seed if hash_seed is not None else self._hash_seed(index))
 
     def execute(self, *, localize_divergence: bool, diagnose: bool) -> None:
-        from .compare import compare_states
+        from .compare import compare_state_files, nonfinite_finding
+        from .context import metrics_finding
 
         r = self.result
         try:
@@ -179,15 +140,22 @@ class _Audit:
                                      metrics=m["metrics"], losses=t["losses"], environment=m["environment"])
                       for m, t in zip(metas, traces)]
         r.nondeterministic_ops = _merge_ops(metas)
-        reference = outputs[0].weights()
-        other = 1
-        for i in range(1, r.runs):
-            diffs = compare_states(reference, outputs[i].weights(), **r.comparison)
-            if other == 1 or not all(d.equal for d in diffs):
-                r.tensors, other = diffs, i
-            if not all(d.equal for d in diffs):
+        other, nonfinite = 1, {}  # replica -> {tensor: NaN/inf counts}, counted while comparing
+        for i in range(1, r.runs):  # streamed from the files: never two whole states in memory
+            compared = compare_state_files(outputs[0].weights_path, outputs[i].weights_path, **r.comparison,
+                                           fingerprint=i == 1)
+            if i == 1:
+                r.final_fingerprints = compared.fingerprints
+            nonfinite.setdefault(0, compared.nonfinite[0])
+            nonfinite[i] = compared.nonfinite[1]
+            if other == 1 or not compared.equal:
+                r.tensors, other = compared.diffs, i
+            if not compared.equal:
                 break
+        problems = [(m["index"], m.get("metric_problems", []), m.get("metric_problem_count", 0)) for m in metas]
+        r.findings.extend(f for f in (metrics_finding(problems), nonfinite_finding(nonfinite)) if f is not None)
         r.compared = "weights"
+        r.trajectory = localize.trajectory(traces[0])
         r.deterministic = all(d.equal for d in r.tensors)
         trace_div = localize.first_divergence(traces[0], traces[other])
         r.step_divergence = localize.step_divergence(traces[0], traces[other])
@@ -254,7 +222,7 @@ class _Audit:
 
     def _pinned_hash_seed_agrees(self, other: int) -> bool:
         """Experiment: rerun both replicas with one PYTHONHASHSEED; True if traces and weights then agree."""
-        from .compare import compare_states
+        from .compare import compare_state_files
 
         pinned = self._hash_seed(0)
         try:
@@ -264,7 +232,7 @@ class _Audit:
             return False
         if localize.first_divergence(a.trace(), b.trace()) is not None:
             return False
-        return all(d.equal for d in compare_states(a.weights(), b.weights(), **self.result.comparison))
+        return compare_state_files(a.weights_path, b.weights_path, **self.result.comparison).equal
 
 
 def _merge_ops(metas: list[dict]) -> list[NondeterministicOp]:

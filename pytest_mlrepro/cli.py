@@ -16,6 +16,25 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from .config import CLI_OPTIONS, split
+from .errors import ConfigError, MlreproError
+
+
+def _text_type(option):
+    """argparse type of a table option: a bad value is a usage error (exit 2) with the table's message."""
+    def convert(raw: str):
+        try:
+            return option.from_text(raw)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = option.name  # argparse names the type in its messages
+    return convert
+
+
+# CLI defaults that differ from the table's: everything lands under --out unless placed elsewhere
+_CLI_HELP = {"report": "the JSON report. Default: OUT/report.json", "wandb_dir": "folder W&B runs go under. Default: OUT"}
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlrepro", description="Determinism audits of ML training code.")
@@ -26,25 +45,24 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--expect", action="store_true", help="with --catalog: succeed when every verdict is the expected one")
     a.add_argument("--args", nargs=argparse.REMAINDER, default=[],
                    help="argv for the script targets (everything after it; function targets take none)")
-    a.add_argument("--seed", type=int, default=0, help="Default: %(default)r")
-    a.add_argument("--runs", type=int, default=2, help="Default: %(default)r")
-    a.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="Default: %(default)r")
-    a.add_argument("--isolation", choices=("process", "inprocess"), default="process", help="Default: %(default)r")
-    a.add_argument("--timeout", type=float, default=None, help="seconds per replica. Default: no limit")
-    a.add_argument("--trace-every", type=int, default=1, help="fingerprint every k-th optimizer step. Default: %(default)r")
     a.add_argument("--out", type=Path, default=Path("mlrepro-out"),
                    help="output folder (created): the report, plots and W&B runs go here unless placed elsewhere. Default: %(default)s")
-    a.add_argument("--report", type=Path, default=None, help="the JSON report. Default: OUT/report.json")
-    a.add_argument("--wandb", choices=("offline", "online", "disabled"), default="offline", help="Default: %(default)r")
-    a.add_argument("--wandb-dir", type=Path, default=None, help="folder W&B runs go under. Default: OUT")
-    a.add_argument("--wandb-project", default="pytest-mlrepro", help="Default: %(default)r")
-    a.add_argument("--wandb-entity", default=None)
-    a.add_argument("--wandb-group", default=None)
-    a.add_argument("--wandb-tags", default="", help="comma-separated")
+    for option in CLI_OPTIONS:  # the same table as pytest's --mlrepro-* options and the marker
+        choices = f" ({', '.join(option.choices)})" if option.choices else ""
+        text = _CLI_HELP.get(option.name, f"{option.help}{choices}. Default: {option.default!r}")
+        a.add_argument(f"--{option.flag}", dest=option.name, type=_text_type(option), default=None,
+                       metavar=option.name.upper(), help=text)
     pub = sub.add_parser("publish", help="create the W&B Report saved by an offline session (after `wandb sync`)")
     pub.add_argument("spec", type=Path, help="the wandb-report spec JSON written beside the offline runs")
     pub.add_argument("--timeout", type=float, default=60.0, help="Default: %(default)r")
     return p
+
+
+def _configs(ns: argparse.Namespace) -> tuple:
+    """The validated audit and session configs of the command line (ConfigError on a bad combination)."""
+    values = {o.name: getattr(ns, o.name) for o in CLI_OPTIONS if getattr(ns, o.name) is not None}
+    audit_config, session = split(values)
+    return audit_config, session
 
 
 def _catalog_entries(path: Path, device: str) -> list[dict]:
@@ -70,42 +88,58 @@ def _slug(target: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in target).strip("-")
 
 
+def _publish_config(ns: argparse.Namespace, session):
+    from .publish.config import PublishConfig
+
+    return PublishConfig(report_path=Path(session.report) if session.report else ns.out / "report.json",
+                         wandb_dir=Path(session.wandb_dir) if session.wandb_dir else ns.out, wandb_mode=session.wandb,
+                         project=session.wandb_project, entity=session.wandb_entity, group=session.wandb_group,
+                         tags=session.wandb_tags)
+
+
+def _usage(message: str) -> int:
+    print(f"mlrepro: {message}", file=sys.stderr)
+    return 2
+
+
 def _audit(ns: argparse.Namespace) -> int:
     from .auditing import audit
-    from .errors import MlreproError
-    from .result import AuditError, AuditResult
-    from .publish.config import PublishConfig
+    from .publish.json_report import check_report_path
     from .publish.session import publish_session
     from .publish.terminal import summary_lines
+    from .result import AuditError, AuditResult
 
     if ns.expect and not ns.catalog:
-        print("mlrepro: --expect needs --catalog", file=sys.stderr)
-        return 2
+        return _usage("--expect needs --catalog")
+    try:
+        base, session = _configs(ns)
+        publish = _publish_config(ns, session)
+        check_report_path(publish.report_path)  # before any audit: a report that cannot be written stops here
+    except MlreproError as exc:
+        return _usage(str(exc))
     jobs: list[tuple[str, list, Optional[dict]]] = [
         (t, list(ns.args) if t.endswith(".py") else [], None) for t in ns.targets]
     # a catalog entry may add best-checkpoint checks ("checkpoint": {...}) and expect them to pass or fail ("checks")
     if ns.catalog:
-        jobs += [(e["target"], list(e.get("args", [])), e) for e in _catalog_entries(ns.catalog, ns.device)]
+        jobs += [(e["target"], list(e.get("args", [])), e) for e in _catalog_entries(ns.catalog, base.device)]
     if not jobs:
-        print("mlrepro: nothing to audit: give targets or --catalog", file=sys.stderr)
-        return 2
+        return _usage("nothing to audit: give targets or --catalog")
     rootdir = ns.catalog.resolve().parent.parent if ns.catalog else Path.cwd()
     results, as_expected = [], True
     for target, args, entry in jobs:
-        device = ns.device
+        overrides: dict = {"args": args}
         if entry and entry.get("requires") == "cuda":
-            device = "cuda"
+            overrides["device"] = "cuda"
         workdir = None
         if entry and entry.get("checkpoint"):  # kept: the best checkpoint becomes a W&B artifact
+            overrides["checkpoint"] = entry["checkpoint"]
             workdir = ns.out / "runs" / _slug(target)
             shutil.rmtree(workdir, ignore_errors=True)
         try:
-            result = audit(target, args=args, seed=ns.seed, runs=ns.runs, device=device, isolation=ns.isolation,
-                           timeout=ns.timeout, rootdir=rootdir, trace_every=ns.trace_every,
-                           checkpoint=(entry or {}).get("checkpoint"), workdir=workdir)
-        except (MlreproError, ValueError) as exc:  # a bad target: say so, audit the others
-            result = AuditResult(target=str(target), seed=ns.seed, runs=ns.runs, device=device, isolation=ns.isolation,
-                                 seeding="-", comparison={}, deterministic=False,
+            result = audit(target, base.merged(overrides), rootdir=rootdir, workdir=workdir)
+        except MlreproError as exc:  # a bad target or catalog entry: say so, audit the others
+            result = AuditResult(target=str(target), seed=base.seed, runs=base.runs, device=overrides.get("device", base.device),
+                                 isolation=base.isolation, seeding="-", comparison={}, deterministic=False,
                                  error=AuditError(type=type(exc).__name__, message=str(exc)))
         results.append(result)
         mark = ""
@@ -119,15 +153,17 @@ def _audit(ns: argparse.Namespace) -> int:
         print(result.summary_line() + mark, flush=True)
     try:
         ns.out.mkdir(parents=True, exist_ok=True)
-        config = PublishConfig(report_path=ns.report or ns.out / "report.json", wandb_dir=ns.wandb_dir or ns.out, wandb_mode=ns.wandb,
-                               project=ns.wandb_project, entity=ns.wandb_entity, group=ns.wandb_group, tags=ns.wandb_tags)
-        outcome = publish_session(results, config, session_info={"command": "mlrepro " + " ".join(sys.argv[1:])})
-    except Exception as exc:  # publishing never changes a verdict
-        outcome = None
-        print(f"mlrepro: publishing failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        outcome = publish_session(results, publish, session_info={"command": "mlrepro " + " ".join(sys.argv[1:])})
+        errors = list(getattr(outcome, "errors", []))
+    except Exception as exc:  # W&B trouble never changes a verdict; a lost report does
+        outcome, errors = None, [f"publishing failed: {type(exc).__name__}: {exc}"]
     print()
     for line in summary_lines(results, outcome):
         print(line)
+    for message in errors:
+        print(f"mlrepro: {message}", file=sys.stderr)
+    if errors:
+        return 1
     if ns.expect:
         return 0 if as_expected else 1
     return 0 if all(r.verdict == "deterministic" for r in results) else 1
@@ -146,10 +182,26 @@ def _publish(ns: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """SIGTERM / SIGHUP / SIGINT (a CI runner cancelling the job, Ctrl-C) kill the running replicas
+    with their process trees, let the audit remove its temporary folder, and end with 128 + signal."""
+    import signal
+
+    from .process_tree import Interrupted, interrupt_on_signals, signal_name
+
     ns = _parser().parse_args(argv)
-    if ns.command == "audit":
-        return _audit(ns)
-    return _publish(ns)
+    try:
+        with interrupt_on_signals():
+            if ns.command == "audit":
+                return _audit(ns)
+            return _publish(ns)
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        try:
+            print(f"mlrepro: interrupted by {signal_name(signum)}; running replicas were stopped and temporary "
+                  "files removed", file=sys.stderr, flush=True)
+        except OSError:  # the terminal or pipe went away with the job
+            pass
+        return 128 + signum
 
 
 if __name__ == "__main__":

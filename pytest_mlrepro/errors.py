@@ -18,3 +18,7 @@ class ReplicaError(MlreproError):
         self.replica = replica
         self.traceback = traceback
         self.kind = kind
+
+
+class ConfigError(MlreproError, ValueError):
+    """An option has a bad value, an unknown name, or a combination that cannot work."""

@@ -6,21 +6,28 @@ attached to the test's report (a section and JUnit properties).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
-from .options import AUDIT_KEYWORDS, MARKER_KEYS, MlreproOptions
+from .config import AuditConfig
+
+CALL_KEYWORDS = ("workdir", "rootdir", "localize_divergence", "diagnose")  # audit() arguments that are no options
 
 
 class MlreproHandle:
-    def __init__(self, item, options: MlreproOptions, make_workdir: Callable[[], Path], record: Callable[[Any, Any], None]):
+    def __init__(self, item, config: AuditConfig, marker_target: Any, make_workdir: Callable[[], Path],
+                 record: Callable[[Any, Any], None], sources: Optional[dict] = None):
         self._item = item
-        self.options = options
+        self.sources = dict(sources or {})  # where each option's value came from (command line, MLREPRO_*, ini, marker)
+        self.config = config
+        self.marker_target = marker_target
         self._make_workdir = make_workdir
         self._record = record
-        marker = item.get_closest_marker("mlrepro")
-        self.marker_target = marker.args[0] if marker and marker.args else (marker.kwargs.get("target") if marker else None)
-        self.marker_audit_kwargs = {k: v for k, v in (marker.kwargs.items() if marker else ()) if k in AUDIT_KEYWORDS}
         self.results: list = []
+
+    @property
+    def options(self) -> AuditConfig:
+        """The test's audit settings (the session's options with the marker's keywords on top)."""
+        return self.config
 
     def audit(self, target: Any = None, **overrides: Any):
         """Audit ``target`` (default: the marker's) with this test's options; keyword overrides win."""
@@ -29,39 +36,49 @@ class MlreproHandle:
         target = target if target is not None else self.marker_target
         if target is None:
             raise ValueError("mlrepro.audit(): no target given and the test's mlrepro marker names none")
-        kwargs = {k: getattr(self.options, k) for k in MARKER_KEYS}
-        kwargs.update(self.marker_audit_kwargs)
-        kwargs.update(overrides)
-        kwargs.setdefault("workdir", self._make_workdir())
-        kwargs.setdefault("rootdir", str(self._item.config.rootpath))
-        result = audit(target, **kwargs)
+        call = {k: overrides.pop(k) for k in CALL_KEYWORDS if k in overrides}
+        call.setdefault("workdir", self._make_workdir())
+        call.setdefault("rootdir", str(self._item.config.rootpath))
+        result = audit(target, self.config.merged(overrides), **call)
         self._add(result)
         return result
 
-    def check(self, name: str, findings: list):
-        """Record check findings (checkpoint reload, conformance, comparator) as one result of this test."""
+    def check(self, name: str, findings: list, *, strict: bool = True):
+        """Record check findings (checkpoint reload, conformance, comparator) as one result of this test.
+
+        With ``strict`` (the default) a finding whose verdict is fail or error fails the test right here,
+        so a check cannot be red in the summary while its test is green; ``strict=False`` returns the
+        result for the test to inspect.
+        """
         from .result import AuditResult
 
-        result = AuditResult(target=name, seed=self.options.seed, runs=0, device=self.options.device, isolation="-",
+        result = AuditResult(target=name, seed=self.config.seed, runs=0, device=self.config.device, isolation="-",
                              seeding="-", comparison={}, deterministic=True, findings=list(findings), compared="none",
                              kind="checks")
         self._add(result)
+        failing = [f for f in result.findings if f.verdict in ("fail", "error")]
+        if strict and failing:
+            import pytest
+
+            pytest.fail(f"{name}: " + "; ".join(f"[{f.check}] {f.verdict}: {f.message}" for f in failing), pytrace=False)
         return result
 
-    def check_reload(self, checkpoint_path, **kwargs):
+    def check_reload(self, checkpoint_path, *, strict: bool = True, **kwargs):
         from .checkpoint.reload import check_reload
 
-        return self.check(f"reload:{Path(checkpoint_path).name}", check_reload(checkpoint_path, **kwargs))
+        return self.check(f"reload:{Path(checkpoint_path).name}", check_reload(checkpoint_path, **kwargs), strict=strict)
 
-    def check_conformance(self, driver_factory, **kwargs):
+    def check_conformance(self, driver_factory, *, strict: bool = True, **kwargs):
         from .checkpoint.conformance import check_conformance
 
-        return self.check(f"conformance:{kwargs.get('monitor', '')}", [check_conformance(driver_factory, **kwargs)])
+        return self.check(f"conformance:{kwargs.get('monitor', '')}", [check_conformance(driver_factory, **kwargs)],
+                          strict=strict)
 
-    def check_comparator(self, make_driver, **kwargs):
+    def check_comparator(self, make_driver, *, strict: bool = True, **kwargs):
         from .checkpoint.conformance import check_comparator
 
-        return self.check(f"comparator:{kwargs.get('monitor', '')}", [check_comparator(make_driver, **kwargs)])
+        return self.check(f"comparator:{kwargs.get('monitor', '')}", [check_comparator(make_driver, **kwargs)],
+                          strict=strict)
 
     def _add(self, result) -> None:
         self.results.append(result)

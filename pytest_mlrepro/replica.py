@@ -13,29 +13,52 @@ import runpy
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from .config import AuditConfig
 from .targets import TargetSpec
 
 
 @dataclass
 class ReplicaSpec:
+    """One replica's run: the audit's validated config (device and seeding resolved) plus what is
+    particular to this run (its index and entropy, its folder, a replay or a dense re-trace)."""
+
     target: TargetSpec
     index: int
-    seed: int
-    seeding: str
-    device: str
-    deterministic: bool
+    config: AuditConfig
     workdir: str
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
     replay_step: Optional[int] = None
     entropy: int = 0
     cwd: Optional[str] = None  # working directory of the replica; None: its private workdir
-    trace_every: int = 1  # record the trace after every k-th optimizer step
+    trace_every: int = 1  # record the trace after every k-th optimizer step (1 for a dense re-trace)
     stop_after: Optional[int] = None  # a dense re-trace: end the program after this step
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    @property
+    def seeding(self) -> str:
+        return self.config.seeding
+
+    @property
+    def device(self) -> str:
+        return self.config.device
+
+    @property
+    def deterministic(self) -> bool:
+        return self.config.deterministic
+
+    @property
+    def args(self) -> tuple:
+        return self.config.args
+
+    @property
+    def kwargs(self) -> dict:
+        return self.config.kwargs
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -209,6 +232,8 @@ def _run(spec: ReplicaSpec, out_dir: Path) -> bool:
         "dataloaders": loaders.to_list(),
         "nondeterministic_ops": ops.to_list(),
         "metrics": ctx.metrics,
+        "metric_problems": ctx.metric_problems,  # values ctx.log could not keep (the audit's training.metrics finding)
+        "metric_problem_count": ctx.metric_problem_count,
         "environment": environment.collect(spec.device),
     }
     _write_json(out_dir / "meta.json", meta)
@@ -225,7 +250,7 @@ def _storable(value: Any) -> Any:
     import torch
 
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu().clone()
+        return _storable_tensor(value.detach())
     if isinstance(value, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(value)).clone()
     if isinstance(value, np.generic):
@@ -235,7 +260,28 @@ def _storable(value: Any) -> Any:
     return repr(value)
 
 
+def _storable_tensor(t: Any) -> Any:
+    """``t`` on the CPU, copied only when it must be: another device, or a view into a larger storage
+    (which torch.save would write whole). Saving the trained tensors themselves keeps a replica's peak
+    memory at the training's (a clone of every tensor would add a second copy of the weights)."""
+    import torch
+
+    if t.device.type != "cpu":
+        return t.cpu()
+    if t.layout == torch.strided and not t.is_quantized and t.untyped_storage().nbytes() > t.numel() * t.element_size():
+        return t.clone()
+    return t
+
+
 def main(argv: list[str] | None = None) -> int:
+    import faulthandler
+
+    from .process_tree import guard_replica
+
+    # die with the parent (taking the tree along) and kill what the target leaves running at the end
+    guard_replica()
+    if sys.stderr is not None:
+        faulthandler.enable()  # a native crash (SIGSEGV, SIGABRT...) leaves the Python stack in stderr.txt
     argv = sys.argv[1:] if argv is None else argv
     spec_path, out_dir = Path(argv[0]), Path(argv[1])
     with open(spec_path, "rb") as f:

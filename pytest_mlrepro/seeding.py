@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import random
 
-SEEDING_MODES = ("harness", "program")
 CUBLAS_WORKSPACE = ":4096:8"
 
 

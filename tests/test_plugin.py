@@ -95,27 +95,28 @@ def test_options_precedence_marker_over_cli_over_env_over_ini(pytester: pytest.P
 
         def test_plain(mlrepro):
             o = mlrepro.options
-            print("PLAIN", o.seed, o.runs, o.device, o.timeout, o.sources["seed"], o.sources["runs"], o.sources["device"])
+            src = mlrepro.sources
+            print("PLAIN", o.seed, o.runs, o.device, o.timeout, src["seed"], src["runs"], src["device"])
 
         @pytest.mark.mlrepro(seed=8)
         def test_marked(mlrepro):
-            print("MARKED", mlrepro.options.seed)
+            print("MARKED", mlrepro.options.seed, mlrepro.sources["seed"])
     """)
     monkeypatch.setenv("MLREPRO_SEED", "6")
     monkeypatch.setenv("MLREPRO_DEVICE", "cpu")
     result = pytester.runpytest("--mlrepro", "--mlrepro-seed", "7", "-s")
     result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines(["*PLAIN 7 3 cpu 30.0 command line ini mlrepro_runs MLREPRO_DEVICE", "*MARKED 8"])
+    result.stdout.fnmatch_lines(["*PLAIN 7 3 cpu 30.0 command line ini mlrepro_runs MLREPRO_DEVICE", "*MARKED 8 marker"])
     monkeypatch.delenv("MLREPRO_SEED")
     result = pytester.runpytest("--mlrepro", "-s", "-k", "plain")
     result.stdout.fnmatch_lines(["*PLAIN 5 3 cpu 30.0 ini mlrepro_seed*"])
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--mlrepro-device", "tpu"], "mlrepro option device from command line: expected one of auto, cpu, cuda"),
-    (["--mlrepro-seed", "-1"], "seed must be >= 0"),
+    (["--mlrepro-device", "tpu"], "mlrepro option device from command line: device must be one of auto, cpu, cuda"),
+    (["--mlrepro-seed", "-1"], "seed must be a whole number from 0 to 4294967295, got -1"),
     (["--mlrepro-timeout", "abc"], "mlrepro option timeout"),
-    (["--mlrepro-wandb", "sometimes"], "expected one of offline, online, disabled"),
+    (["--mlrepro-wandb", "sometimes"], "wandb must be one of offline, online, disabled"),
 ])
 def test_bad_option_values_are_usage_errors(pytester: pytest.Pytester, args, message):
     pytester.makepyfile(test_x="def test_x():\n    pass\n")
@@ -138,7 +139,7 @@ def test_unknown_marker_keywords_are_rejected(project):
     """)
     result = project.runpytest("--mlrepro")
     result.assert_outcomes(errors=2)
-    result.stdout.fnmatch_lines(["*unknown keyword(s) sead*", "*expected one of auto, cpu, cuda*"])
+    result.stdout.fnmatch_lines(["*unknown keyword(s) sead*", "*device must be one of auto, cpu, cuda*"])
 
 
 def test_the_marker_is_registered_with_its_signature(pytester: pytest.Pytester):
@@ -196,13 +197,32 @@ def test_the_fixture_records_checkpoint_checks_for_the_summary(project):
 
         def test_comparator(mlrepro):
             always_min = lambda: ReferenceEarlyStoppingDriver(StopSpec("min", 1), "val_acc")
-            result = mlrepro.check_comparator(always_min, monitor="val_acc", callback="toy.always_min")
+            result = mlrepro.check_comparator(always_min, monitor="val_acc", callback="toy.always_min", strict=False)
             assert result.verdict == "failed-checks"
             result.assert_deterministic()
     """)
     result = project.runpytest_subprocess("--mlrepro", "-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*comparator.direction] fail*", "*= mlrepro =*", "*comparator:val_acc*comparator.direction*fail*"])
+
+
+def test_a_failing_check_fails_its_test_and_a_passing_one_does_not(project):
+    """A check red in the summary must not leave its test green (the test body asserts nothing)."""
+    project.makepyfile(test_checks="""
+        from pytest_mlrepro.checkpoint.conformance import ReferenceEarlyStoppingDriver
+        from pytest_mlrepro.checkpoint.oracle import StopSpec
+
+        def test_wrong_direction(mlrepro):
+            mlrepro.check_comparator(lambda: ReferenceEarlyStoppingDriver(StopSpec("min", 1), "val_acc"),
+                                     monitor="val_acc", callback="toy.always_min")
+
+        def test_right_direction(mlrepro):
+            mlrepro.check_comparator(lambda: ReferenceEarlyStoppingDriver(StopSpec("max", 1), "val_acc"),
+                                     monitor="val_acc", callback="toy.max")
+    """)
+    result = project.runpytest_subprocess("--mlrepro", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(["*_ test_wrong_direction _*", "comparator:val_acc: [[]comparator.direction[]] fail: toy.always_min minimises*"])
 
 
 def test_the_audit_function_is_not_shadowed_by_a_submodule():
@@ -240,7 +260,7 @@ def test_wandb_options_place_the_offline_run(project, tmp_path):
                                           f"--mlrepro-wandb-dir={wdir}", "--mlrepro-wandb-project", "proj-x",
                                           "--mlrepro-wandb-tags", "ci,nightly")
     result.assert_outcomes(passed=1)
-    from pytest_mlrepro.publish.wandb_reader import read_run
+    from pytest_mlrepro.wandb_offline import read_run
 
     runs = sorted((wdir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
