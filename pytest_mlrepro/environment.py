@@ -22,6 +22,7 @@ def collect(device: str) -> dict:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "device": device,
         "device_name": None,
+        "cpu_capability": _cpu_capability(torch),  # the SIMD kernels torch picked: they change float results
         "num_threads": torch.get_num_threads(),
         "num_interop_threads": torch.get_num_interop_threads(),
         "pythonhashseed": os.environ.get("PYTHONHASHSEED"),
@@ -33,6 +34,13 @@ def collect(device: str) -> dict:
     else:
         env["device_name"] = platform.processor() or platform.machine()
     return env
+
+
+def _cpu_capability(torch) -> str | None:
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except Exception:  # older torch
+        return None
 
 
 # Keys that legitimately differ between replicas of one audit.

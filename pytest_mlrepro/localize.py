@@ -40,6 +40,14 @@ def _sample_slices(trace: dict) -> list[list[tuple[int, int]]]:
     return out
 
 
+def trajectory(trace: dict) -> dict:
+    """The part of a trace a baseline keeps: its structure and per-entry fingerprints, as plain data
+    (``first_divergence`` reads it back once ``fp`` is a tensor again)."""
+    return {"param_names": list(trace["param_names"]), "opt_indices": [list(i) for i in trace["opt_indices"]],
+            "entries": [list(e) for e in trace["entries"]], "fp": [int(v) for v in trace["fp"].tolist()],
+            "steps": int(trace["steps"]), "every": int(trace["every"])}
+
+
 def first_divergence(ta: dict, tb: dict) -> Optional[TraceDivergence]:
     """The first trace entry whose fingerprints differ (None when the traces are identical)."""
     sa, sb = _entry_slices(ta), _entry_slices(tb)

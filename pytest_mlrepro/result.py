@@ -127,6 +127,10 @@ class AuditResult:
     wall_time_s: Optional[float] = None
     kind: str = "audit"  # audit (replicas compared) | checks (findings of checkpoint/early-stopping checks only)
     test: Optional[str] = None  # the pytest node id that produced it, when run under pytest
+    final_fingerprints: Optional[dict] = None  # tensor name -> strong fingerprint (hex) of replica 0's final state
+    # replica 0's per-step fingerprints (param_names, opt_indices, entries, fp): what a baseline keeps;
+    # not part of the JSON report (it can be long), so it does not travel to the xdist controller
+    trajectory: Optional[dict] = field(default=None, repr=False, compare=False)
 
     @property
     def verdict(self) -> str:
@@ -201,7 +205,8 @@ class AuditResult:
         return self
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = dataclasses.asdict(dataclasses.replace(self, trajectory=None))
+        d.pop("trajectory")
         d = {"schema": SCHEMA_NAME, "version": SCHEMA_VERSION, "verdict": self.verdict, **d}
         return _jsonable(d)
 
