@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -27,27 +27,34 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path, write: Callable[[str], None], *, fsync: bool = True, make_parents: bool = False) -> int:
+def atomic_write(path, write: Callable[[str], None], *, fsync: bool = True, make_parents: bool = False,
+                 temp_name: Optional[Callable[[Path], Path]] = None) -> int:
     """Write through ``write(tmp_path)`` to a temp file beside ``path``, then replace ``path``.
 
     Returns the bytes written. A missing parent folder raises ``FileNotFoundError`` unless
-    ``make_parents``; on any failure the temp file is removed and ``path`` is untouched.
+    ``make_parents`` (then the new folders are fsynced into their parents too); on any failure the temp
+    file is removed and ``path`` is untouched. The temp file is private while written; it gets the mode a
+    plain ``open()`` would give (or the replaced file's) just before the rename. ``temp_name(path)``
+    names the temp file (it must not exist), for writers that recognise their own leftovers.
     """
     path = Path(path)
+    new_dirs = [d for d in (path.parent, *path.parent.parents) if not d.exists()] if make_parents else []
     if make_parents:
         path.parent.mkdir(parents=True, exist_ok=True)
     elif not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:  # mkstemp makes the file private (0600); give it the mode a plain open() would, or the old file's
-        os.fchmod(fd, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
-    finally:
-        os.close(fd)
+    if temp_name is None:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    else:
+        tmp = str(temp_name(path))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.close(fd)
     try:
         write(tmp)
         if fsync:
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
         size = os.path.getsize(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -57,7 +64,8 @@ def atomic_write(path, write: Callable[[str], None], *, fsync: bool = True, make
             pass
         raise
     if fsync:
-        _fsync_dir(path.parent)
+        for d in [path.parent, *(d.parent for d in new_dirs)]:
+            _fsync_dir(d)
     return size
 
 

@@ -31,9 +31,9 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
+from .config import COMPARE_MODES as MODES  # the shared choices
 from .result import Finding, TensorDiff
 
-MODES = ("bitwise", "tolerance", "ulp")
 CHUNK_ELEMENTS = 1 << 18  # elements per pass when tensors differ: cache-sized float64/int64 temporaries
 SCAN_ELEMENTS = 1 << 16  # elements per step of the equality + NaN/inf scan: the count reads what the check just cached
 ULP_INFINITE = (1 << 63) - 1  # ulp_distance of NaN vs non-NaN (and of float64 pairs too far apart to count)

@@ -23,7 +23,6 @@ from .errors import ReplicaError
 from .replica import ReplicaSpec, run_replica
 from .seeding import child_environment
 
-ISOLATION_MODES = ("process", "inprocess")
 
 
 @dataclass

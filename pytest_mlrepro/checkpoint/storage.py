@@ -31,6 +31,7 @@ import socket
 import zipfile
 from pathlib import Path
 
+from pytest_mlrepro.atomic import atomic_write
 from pytest_mlrepro.errors import MlreproError
 
 __all__ = [
@@ -171,54 +172,12 @@ def remove_stale_temp_files(path) -> int:
     return n
 
 
-def _fsync_path(p: Path, flags: int) -> None:
-    fd = os.open(p, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable; filesystems that cannot fsync a folder are skipped."""
-    try:
-        _fsync_path(directory, os.O_RDONLY)
-    except OSError:
-        pass
-
-
 def _atomic_write(path, write, *, fsync: bool = True) -> int:
-    """Write through ``write(tmp)`` to our temp file, fsync it, replace ``path``, fsync the folder.
-
-    Stale temp files of ``path`` are removed first; on any failure our temp file is removed and
-    ``path`` is untouched. A new file gets the mode ``open()`` would give; a replaced one keeps its.
-    """
-    path = Path(path)
-    new_dirs = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """The shared atomic write (``pytest_mlrepro.atomic``) under our own temp-file name, after removing
+    this target's stale temp files: a crash at any moment leaves the old file or the new one, and
+    what it leaves behind is recognisable and cleaned on the next save."""
     remove_stale_temp_files(path)
-    tmp = _temp_path(path)
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0o666 & ~umask, like open()
-    try:
-        write(str(tmp))
-        if fsync:
-            _fsync_path(tmp, os.O_RDWR)
-        try:
-            os.chmod(tmp, path.stat().st_mode & 0o7777)
-        except FileNotFoundError:
-            pass
-        size = os.path.getsize(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    if fsync:
-        for d in [path.parent, *(d.parent for d in new_dirs)]:
-            _fsync_dir(d)
-    return size
+    return atomic_write(path, write, fsync=fsync, make_parents=True, temp_name=_temp_path)
 
 
 def atomic_write_bytes(path, data: bytes, *, fsync: bool = True) -> int:

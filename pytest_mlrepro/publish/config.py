@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..config import WANDB_MODES  # the shared choices
 from ..errors import MlreproError
 
-WANDB_MODES = ("offline", "online", "disabled")
 DEFAULT_WANDB_DIR = Path("mlrepro-out")
 DEFAULT_PROJECT = "pytest-mlrepro"
 DEFAULT_JOB_TYPE = "determinism-audit"
