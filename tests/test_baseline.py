@@ -217,3 +217,47 @@ def test_baseline_files_are_validated_and_named_safely(tmp_path):
     path.write_text(json.dumps(truncated))
     with pytest.raises(BaselineError, match="the trajectory is truncated"):
         store.read(path)
+
+
+# -- calibration: tolerances measured from replicas ---------------------------------------------------
+def _result_with_replicas(curves):
+    """An audit result whose replicas logged ``curves`` (one list of val_loss values per replica)."""
+    from pytest_mlrepro.result import AuditResult, ReplicaSummary
+
+    replicas = [ReplicaSummary(index=i, wall_time_s=0.0, steps=2, seeding={}, environment={},
+                               metrics=[{"step": None, "epoch": e, "val_loss": v} for e, v in enumerate(c)],
+                               losses=list(c)) for i, c in enumerate(curves)]
+    r = AuditResult(target="t", seed=0, runs=len(curves), device="cpu", isolation="process", seeding="harness",
+                    comparison={}, deterministic=False, replicas=replicas, environment={"torch": "x"})
+    r.trajectory = {"param_names": ["a", "b"], "opt_indices": [[0, 1]], "entries": [["init", 0, 0]], "fp": [1, 2],
+                    "steps": 0, "every": 1}
+    r.final_fingerprints = {"a": "00", "b": "11"}
+    return r
+
+
+def test_calibration_measures_the_spread_and_gates_a_nondeterministic_training_with_it(tmp_path):
+    from pytest_mlrepro.baseline.calibrate import calibrate, spread
+
+    result = _result_with_replicas([[1.0, 0.5], [1.0 + 1e-4, 0.5 - 2e-4], [1.0 - 3e-4, 0.5]])
+    s = spread(result)
+    assert s["val_loss"]["max_abs"] == pytest.approx(3e-4) and s["loss"]["points"] == 2
+    path = tmp_path / "b.json"
+    entry = calibrate(result, path, test="t::x")
+    assert entry.calibration["tolerances"]["val_loss"] == {"atol": pytest.approx(6e-4), "rtol": 0.0, "allow_failing": 0}
+    stored = store.read(path).audits[0]
+    # same environment, not bitwise equal, but inside the calibrated envelope: passes, saying why
+    near = _record([(1, 3)], metrics=[{"epoch": 0, "val_loss": 1.0 + 5e-4}, {"epoch": 1, "val_loss": 0.5}],
+                   losses=[1.0 + 5e-4, 0.5])
+    near = AuditBaseline(**{**vars(near), "environment": stored.environment, "trajectory": stored.trajectory | {"fp": [1, 3]}})
+    c = compare(stored, near)
+    assert c.matched and c.comparison == TOLERANCE and "calibrated for a nondeterministic training (3 replicas)" in c.reason
+    far = AuditBaseline(**{**vars(near), "losses": [1.1, 0.5]})
+    c = compare(stored, far)
+    assert not c.matched and "loss at step 0: 1.0 -> 1.1" in c.message
+    # a deterministic training calibrates to exact tolerances
+    exact = calibrate(_result_with_replicas([[1.0, 0.5]] * 3), tmp_path / "e.json")
+    assert all(t["atol"] == 0.0 for t in exact.calibration["tolerances"].values())
+    with pytest.raises(BaselineError, match="factor must be a number >= 1"):
+        calibrate(result, path, factor=0.5)
+    with pytest.raises(BaselineError, match="cannot calibrate audit 5"):
+        calibrate(result, path, audit_index=5)

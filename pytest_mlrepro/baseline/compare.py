@@ -73,13 +73,21 @@ def _env_changes(a: dict, b: dict) -> str:
 
 def compare(baseline: AuditBaseline, obtained: AuditBaseline, tolerances: Optional[dict] = None) -> BaselineComparison:
     """The audit ``obtained`` against its ``baseline``."""
-    tolerances = tolerances or {}
+    calibrated = (baseline.calibration or {}).get("tolerances") or {}
+    tolerances = {**calibrated, **(tolerances or {})}  # declared tolerances win over calibrated ones
     epochs = {name: (getattr(baseline, name), getattr(obtained, name)) for name in ("best_epoch", "stopped_epoch")
               if getattr(baseline, name) != getattr(obtained, name)}
     if baseline.environment == obtained.environment and baseline.seed == obtained.seed:
-        return _exact(baseline, obtained, epochs)
+        exact = _exact(baseline, obtained, epochs)
+        if exact.matched or not calibrated:
+            return exact
+        reason = (f"not bitwise equal ({exact.message}), and the baseline is calibrated for a nondeterministic "
+                  f"training ({baseline.calibration.get('replicas')} replicas): compared with its tolerances")
+        return _approximate(baseline, obtained, tolerances, reason, epochs)
     reason = (f"the environment differs from the baseline's ({_env_changes(baseline.environment, obtained.environment)})"
               if baseline.environment != obtained.environment else f"the seed differs ({baseline.seed} -> {obtained.seed})")
+    if calibrated:
+        reason += f"; tolerances calibrated from {baseline.calibration.get('replicas')} replicas"
     if not tolerances:
         return BaselineComparison(INCOMPARABLE, reason, False, epochs=epochs, message=(
             f"{reason}, so it cannot be compared exactly, and no tolerances are declared: declare them (ini "

@@ -43,6 +43,8 @@ class AuditBaseline:
     final: dict  # tensor name -> fingerprint (hex)
     best_epoch: Optional[int] = None
     stopped_epoch: Optional[int] = None
+    # `mlrepro calibrate`: replicas, deterministic_settings, factor, spread per curve, tolerances per curve
+    calibration: Optional[dict] = None
 
     @classmethod
     def from_result(cls, result: Any) -> "AuditBaseline":
