@@ -32,6 +32,26 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def replica_slots(config: AuditConfig, runs: int) -> int:
+    """How many replicas run at once: with ``parallel="auto"``, as many as the cores allow without
+    oversubscribing (cores ÷ xdist workers ÷ the training's intra-op threads), one at a time in-process
+    or on a GPU (one device: concurrent replicas would compete for it and its memory)."""
+    if config.isolation != "process" or config.device == "cuda":
+        return 1
+    if config.parallel != "auto":
+        return max(1, min(config.parallel, runs))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1))
+    threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or _torch_threads()
+    return max(1, min(runs, cores // workers // max(1, threads)))
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def audit(
     target: Union[str, os.PathLike, Callable],
     config: Optional[AuditConfig] = None,
@@ -105,6 +125,7 @@ class _Audit:
                  cwd: Optional[str] = None):
         self.spec, self.result, self.root, self.config, self.cwd = spec, result, root, config, cwd
         self.trace_every, self.isolation = config.trace_every, config.isolation
+        self.slots = result.parallel = replica_slots(config, config.runs)
         self.inherit_hash_seed = "PYTHONHASHSEED" in os.environ
 
     def _hash_seed(self, index: int, pinned: Optional[str] = None) -> Optional[str]:
@@ -122,13 +143,24 @@ class _Audit:
         return run(spec, folder / "out", isolation=self.isolation, timeout=self.config.timeout,
                    hash_seed=hash_seed if hash_seed is not None else self._hash_seed(index))
 
+    def _run_all(self, calls: list) -> list:
+        """``_run(index, label, **kw)`` for each call, up to ``slots`` at once; outputs in call order
+        (the first failing call's ReplicaError is raised once all have ended)."""
+        if self.slots <= 1 or len(calls) <= 1:
+            return [self._run(i, label, **kw) for i, label, kw in calls]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(self.slots, len(calls)), thread_name_prefix="mlrepro-replica") as pool:
+            futures = [pool.submit(self._run, i, label, **kw) for i, label, kw in calls]
+            return [f.result() for f in futures]
+
     def execute(self, *, localize_divergence: bool, diagnose: bool) -> None:
         from .compare import compare_state_files, nonfinite_finding
         from .context import metrics_finding
 
         r = self.result
         try:
-            outputs = [self._run(i, "replica") for i in range(r.runs)]
+            outputs = self._run_all([(i, "replica", {}) for i in range(r.runs)])
         except ReplicaError as exc:
             r.error = AuditError(type=exc.kind, message=str(exc), replica=exc.replica, traceback=exc.traceback)
             return
@@ -188,8 +220,8 @@ class _Audit:
         ra = rb = None
         if localize_divergence and td.kind == "step":
             try:
-                ra = self._run(0, "replay", replay_step=td.step).trace()["replay"]
-                rb = self._run(other, "replay", replay_step=td.step).trace()["replay"]
+                ra, rb = (o.trace()["replay"] for o in self._run_all(
+                    [(0, "replay", {"replay_step": td.step}), (other, "replay", {"replay_step": td.step})]))
             except ReplicaError as exc:
                 div = localize.describe_from_replay(td, traces[0], None, None)
                 div.message += f" (the replay failed: {exc})"
@@ -202,8 +234,8 @@ class _Audit:
         """The coarse trace says "somewhere after the last equal recorded step": re-run both replicas,
         tracing every step and stopping at the coarse step, to find the exact one."""
         try:
-            a = self._run(0, "dense", dense_until=td.step).trace()
-            b = self._run(other, "dense", dense_until=td.step).trace()
+            a, b = (o.trace() for o in self._run_all(
+                [(0, "dense", {"dense_until": td.step}), (other, "dense", {"dense_until": td.step})]))
         except ReplicaError as exc:
             return td, f" (traced every {self.trace_every} steps; the dense re-trace failed: {exc})"
         exact = localize.first_divergence(a, b)
@@ -226,8 +258,7 @@ class _Audit:
 
         pinned = self._hash_seed(0)
         try:
-            a = self._run(0, "hashpin", hash_seed=pinned)
-            b = self._run(other, "hashpin", hash_seed=pinned)
+            a, b = self._run_all([(0, "hashpin", {"hash_seed": pinned}), (other, "hashpin", {"hash_seed": pinned})])
         except ReplicaError:
             return False
         if localize.first_divergence(a.trace(), b.trace()) is not None:

@@ -70,6 +70,19 @@ def _check_max_ulp(v):
     return _whole("max_ulp", v, 0)
 
 
+def _check_parallel(v):
+    if v == "auto":
+        return v
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ConfigError(f"parallel must be auto or a whole number >= 1, got {v!r}")
+    return v
+
+
+def _text_parallel(s: str):
+    t = s.strip().lower()
+    return t if t == "auto" else _text_int(s)
+
+
 def _check_timeout(v):
     if v is None:
         return None
@@ -252,6 +265,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("timeout", None, "seconds a replica may run before its process tree is killed (none: no limit)",
            _check_timeout, _text_optional_float),
     Option("runs", 2, "how many replicas each audit runs (>= 2)", _check_runs, _text_int),
+    Option("parallel", "auto", "replicas (and replays) run at once in process isolation: auto (the cores, shared "
+           "among xdist workers, divided by the training's threads; one at a time on a GPU) or N",
+           _check_parallel, _text_parallel),
     Option("trace_every", 1, "fingerprint the weights after every k-th optimizer step (a dense re-trace still finds "
            "the exact step)", _check_trace_every, _text_int),
     Option("deterministic", True, "apply torch's deterministic settings (use_deterministic_algorithms warn_only, "
@@ -320,6 +336,7 @@ class AuditConfig:
     isolation: str = "process"
     timeout: Optional[float] = None
     runs: int = 2
+    parallel: Any = "auto"
     trace_every: int = 1
     deterministic: bool = True
     seeding: Optional[str] = None

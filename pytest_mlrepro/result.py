@@ -127,6 +127,7 @@ class AuditResult:
     wall_time_s: Optional[float] = None
     kind: str = "audit"  # audit (replicas compared) | checks (findings of checkpoint/early-stopping checks only)
     test: Optional[str] = None  # the pytest node id that produced it, when run under pytest
+    parallel: int = 1  # replicas that ran at once
     final_fingerprints: Optional[dict] = None  # tensor name -> strong fingerprint (hex) of replica 0's final state
     # replica 0's per-step fingerprints (param_names, opt_indices, entries, fp): what a baseline keeps;
     # not part of the JSON report (it can be long), so it does not travel to the xdist controller

@@ -24,6 +24,20 @@ def test_fixture_verdict_step_and_cause(entry, tmp_path):
     device = "cuda" if entry.get("requires") == "cuda" else "cpu"
     result = audit(entry["target"], args=entry["args"], device=device, workdir=tmp_path, rootdir=ROOT, timeout=240,
                    checkpoint=entry.get("checkpoint"))
+    _assert_as_catalogued(entry, result)
+
+
+@pytest.mark.parametrize("name", ["mlp_dropout", "time_seed"])
+def test_parallel_replicas_give_the_catalogued_verdicts(name, tmp_path):
+    """Replicas, replays and the hash-seed experiment run two at a time: same verdict, step, cause."""
+    entry = next(e for e in ENTRIES if e["name"] == name)
+    result = audit(entry["target"], args=entry["args"], device="cpu", workdir=tmp_path, rootdir=ROOT, timeout=240,
+                   parallel=2)
+    assert result.parallel == 2
+    _assert_as_catalogued(entry, result)
+
+
+def _assert_as_catalogued(entry, result):
     assert result.error is None, result.explain()
     assert result.seeding == entry["seeding"]
     if entry.get("checks"):

@@ -27,6 +27,8 @@ BAD_TEXT = [
     ("runs", "1", "runs must be a whole number >= 2, got 1"),
     ("runs", "0", "runs must be a whole number >= 2, got 0"),
     ("trace_every", "0", "trace_every must be a whole number >= 1, got 0"),
+    ("parallel", "0", "parallel must be auto or a whole number >= 1, got 0"),
+    ("parallel", "many", "expected a whole number, got 'many'"),
     ("device", "tpu", "device must be one of auto, cpu, cuda; got 'tpu'"),
     ("isolation", "thread", "isolation must be one of process, inprocess; got 'thread'"),
     ("timeout", "0", "timeout must be a number of seconds > 0, or none for no limit; got 0.0"),
@@ -303,3 +305,20 @@ def test_cli_options_from_the_table_reach_the_audit(tmp_path, capsys):
     assert (audit["seed"], audit["runs"], audit["isolation"], audit["seeding"]) == (4, 3, "inprocess", "harness")
     assert audit["comparison"] == {"mode": "ulp", "atol": 0.0, "rtol": 0.0, "max_ulp": 2}
     shutil.rmtree(out)
+
+
+def test_parallel_slots_share_the_cores_and_never_oversubscribe(monkeypatch):
+    from pytest_mlrepro.auditing import replica_slots
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
+    auto = AuditConfig()
+    assert replica_slots(auto, 2) == 2 and replica_slots(auto, 8) == 4  # 8 cores / 2 threads
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "4")
+    assert replica_slots(auto, 2) == 1  # 8 cores / 4 workers / 2 threads
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert replica_slots(auto, 3) == 2
+    assert replica_slots(AuditConfig(parallel=3), 2) == 2  # never more than the runs
+    assert replica_slots(AuditConfig(isolation="inprocess", parallel=4), 4) == 1
+    assert replica_slots(AuditConfig(device="cuda", parallel=4), 4) == 1  # one GPU: one at a time
