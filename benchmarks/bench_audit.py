@@ -78,18 +78,20 @@ def import_workloads():
 
 # -- 1. audit wall time -----------------------------------------------------------------------------
 AUDIT_SNIPPET = """
-import json, resource, sys, time
+import json, os, resource, sys, time
 def cpu():
     return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
                for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
 start = time.perf_counter()
 import pytest_mlrepro
 cpu0 = cpu()
-r = pytest_mlrepro.audit(sys.argv[2], args=tuple(sys.argv[3:]), device="cpu", deterministic=sys.argv[1] == "on")
+parallel = os.environ.get("MLREPRO_BENCH_PARALLEL", "1")
+r = pytest_mlrepro.audit(sys.argv[2], args=tuple(sys.argv[3:]), device="cpu", deterministic=sys.argv[1] == "on",
+                         parallel=parallel if parallel == "auto" else int(parallel))
 call_cpu = cpu() - cpu0
 total = time.perf_counter() - start
 print(json.dumps({"audit_s": r.wall_time_s, "call_cpu_s": call_cpu, "in_process_s": total, "deterministic": r.deterministic,
-                  "error": None if r.error is None else r.error.message, "seeding": r.seeding,
+                  "error": None if r.error is None else r.error.message, "seeding": r.seeding, "parallel": r.parallel,
                   "replicas": [{"wall_time_s": s.wall_time_s, "steps": s.steps} for s in r.replicas]}))
 """
 
@@ -179,7 +181,10 @@ def bench_wall(args) -> None:
     ratio_call = [info["audit_s"] / (2 * ref) for _, info, ref in rows]
     ratio_proc = [wall / (2 * ref) for wall, _, ref in rows]
     ratio_cpu = [info["call_cpu_s"] / (2 * statistics.median(plain_cpu)) for _, info, _ in rows]
-    print(f"RATIO audit() call / (2 x plain run):            {spread(ratio_call)}   (target <= 1.10)")
+    print(f"replicas at once: {rows[0][1]['parallel']} (--parallel {args.parallel})")
+    print(f"RATIO audit() call / (2 x plain run):            {spread(ratio_call)}   (target <= 1.10 sequential)")
+    print(f"RATIO audit() call / (1 x plain run):            {spread([2 * r for r in ratio_call])}   "
+          "(target <= 1.4 with parallel replicas on 2 cores)")
     print(f"RATIO whole audit process / (2 x plain run):     {spread(ratio_proc)}   (adds the parent's imports)")
     print(f"RATIO CPU time, audit() call / (2 x plain run):  {spread(ratio_cpu)}   (user+sys of the audit and its "
           f"replicas; moves less with the machine's load; plain runs {spread(plain_cpu)} s CPU)")
@@ -453,6 +458,7 @@ def main() -> None:
     p.add_argument("--also-deterministic-off", action="store_true",
                    help="also time an audit with deterministic=False in each round (to isolate that cost)")
     p.add_argument("--quick", action="store_true", help="a ~2 s training and one round (a smoke run)")
+    p.add_argument("--parallel", default="1", help="replicas at once: 1 (sequential), N or auto. Default: %(default)r")
     p = sub.add_parser("trace", help="per-step overhead of the optimizer-step tracer")
     p.add_argument("--sizes", default="mlp,cnn,tiny,mlp-b256", help="workload sizes, comma-separated. Default: %(default)r")
     p.add_argument("--reps", type=int, default=60, help="interleaved repetitions per size. Default: %(default)r")
@@ -472,6 +478,8 @@ def main() -> None:
             args.reps, args.block_s = 3, 0.1
         else:
             args.reps, args.files = 2, 3
+    if args.bench == "wall":
+        os.environ["MLREPRO_BENCH_PARALLEL"] = args.parallel
     {"wall": bench_wall, "trace": bench_trace, "load": bench_load}[args.bench](args)
 
 
