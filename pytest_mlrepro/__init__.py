@@ -10,6 +10,9 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "audit": ("pytest_mlrepro.auditing", "audit"),
+    "compare_commits": ("pytest_mlrepro.commits", "compare_commits"),
+    "AuditConfig": ("pytest_mlrepro.config", "AuditConfig"),
+    "ConfigError": ("pytest_mlrepro.errors", "ConfigError"),
     "AuditResult": ("pytest_mlrepro.result", "AuditResult"),
     "Divergence": ("pytest_mlrepro.result", "Divergence"),
     "TensorDiff": ("pytest_mlrepro.result", "TensorDiff"),

@@ -11,5 +11,6 @@ DIRECTION = "comparator.direction"  # a "best" comparator goes the way its metri
 METRICS = "training.metrics"  # values logged through ctx.log that are no numbers
 FINAL_WEIGHTS = "weights.finite"  # NaN or inf in the final weights
 BASELINE = "baseline.regression"  # the audit matches its stored baseline (pytest --mlrepro-baseline)
+COMMITS = "commits.compare"  # which commits `mlrepro compare --base` compared, and where they part
 
-ALL = (RELOAD, HISTORY, REPRODUCIBLE, METADATA, CONFORMANCE, DIRECTION, METRICS, FINAL_WEIGHTS, BASELINE)
+ALL = (RELOAD, HISTORY, REPRODUCIBLE, METADATA, CONFORMANCE, DIRECTION, METRICS, FINAL_WEIGHTS, BASELINE, COMMITS)

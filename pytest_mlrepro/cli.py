@@ -2,10 +2,14 @@
 
     mlrepro audit fixtures/mlp_dropout.py:train fixtures/time_seed.py --report out/report.json
     mlrepro audit --catalog fixtures/catalog.json --expect      # the example trainings
+    mlrepro compare --base origin/main train.py:train --json out/compare.json   # where this change parts
+    mlrepro calibrate train.py:train --runs 5 --baseline tests/__mlrepro__/test_x/test_y.json
     mlrepro publish mlrepro-out/wandb/mlrepro-report-<session>.json   # after `wandb sync`, create the Report
 
 Exit status of ``audit``: 0 when every audit is deterministic and every check passed (with
 ``--expect``: when every verdict is the one the catalog expects), 1 otherwise, 2 on bad usage.
+``compare``: 0 when both commits train to the same weights, 1 when not, 2 on bad usage (ref, repository,
+target). ``calibrate``: 0 when the calibration was written, 1 when the audit failed, 2 on bad usage.
 """
 from __future__ import annotations
 
@@ -36,6 +40,16 @@ def _text_type(option):
 _CLI_HELP = {"report": "the JSON report. Default: OUT/report.json", "wandb_dir": "folder W&B runs go under. Default: OUT"}
 
 
+def _add_table_options(parser: argparse.ArgumentParser, keep=lambda option: True) -> None:
+    """The table's options (the same as pytest's --mlrepro-* options and the marker's keywords)."""
+    for option in CLI_OPTIONS:
+        if keep(option):
+            choices = f" ({', '.join(option.choices)})" if option.choices else ""
+            text = _CLI_HELP.get(option.name, f"{option.help}{choices}. Default: {option.default!r}")
+            parser.add_argument(f"--{option.flag}", dest=option.name, type=_text_type(option), default=None,
+                                metavar=option.name.upper(), help=text)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlrepro", description="Determinism audits of ML training code.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -47,11 +61,26 @@ def _parser() -> argparse.ArgumentParser:
                    help="argv for the script targets (everything after it; function targets take none)")
     a.add_argument("--out", type=Path, default=Path("mlrepro-out"),
                    help="output folder (created): the report, plots and W&B runs go here unless placed elsewhere. Default: %(default)s")
-    for option in CLI_OPTIONS:  # the same table as pytest's --mlrepro-* options and the marker
-        choices = f" ({', '.join(option.choices)})" if option.choices else ""
-        text = _CLI_HELP.get(option.name, f"{option.help}{choices}. Default: {option.default!r}")
-        a.add_argument(f"--{option.flag}", dest=option.name, type=_text_type(option), default=None,
-                       metavar=option.name.upper(), help=text)
+    _add_table_options(a)
+    c = sub.add_parser("compare", help="compare a training across two commits: REF (in a temporary git worktree) "
+                                       "against the work tree as it is")
+    c.add_argument("target", help="'file.py:fn', 'script.py' or 'module:fn' relative to the current folder (or an absolute "
+                                  "path inside the repository); at REF the same path relative to the repository root")
+    c.add_argument("--base", required=True, metavar="REF", help="the commit to compare with (a branch, tag, sha, HEAD~1)")
+    c.add_argument("--json", type=Path, metavar="PATH", help="write the result (the report schema's audit entry) to PATH")
+    c.add_argument("--args", nargs=argparse.REMAINDER, default=[],
+                   help="argv for a script target (everything after it; function targets take none)")
+    _add_table_options(c, lambda option: option.audit and option.name != "runs")  # one replica a side: no --runs
+    k = sub.add_parser("calibrate", help="run N replicas (--runs) and keep how far their curves spread, with the "
+                                         "tolerances that recommends, in a baseline")
+    k.add_argument("target", help="'module:fn', 'file.py:fn' or 'script.py'")
+    k.add_argument("--baseline", type=Path, required=True, metavar="PATH",
+                   help="the baseline file (a test's __mlrepro__/<module>/<test>.json); created when missing")
+    k.add_argument("--audit-index", type=int, default=0, help="which audit of the test's baseline. Default: %(default)r")
+    k.add_argument("--factor", type=float, default=2.0, help="tolerance = factor x the largest spread. Default: %(default)r")
+    k.add_argument("--test", default=None, help="the test id a new baseline records. Default: the target")
+    k.add_argument("--args", nargs=argparse.REMAINDER, default=[], help="argv for a script target (everything after it)")
+    _add_table_options(k, lambda option: option.audit)
     pub = sub.add_parser("publish", help="create the W&B Report saved by an offline session (after `wandb sync`)")
     pub.add_argument("spec", type=Path, help="the wandb-report spec JSON written beside the offline runs")
     pub.add_argument("--timeout", type=float, default=60.0, help="Default: %(default)r")
@@ -169,6 +198,59 @@ def _audit(ns: argparse.Namespace) -> int:
     return 0 if all(r.verdict == "deterministic" for r in results) else 1
 
 
+def _compare(ns: argparse.Namespace) -> int:
+    """``mlrepro compare --base REF TARGET``: 0 when the commits agree, 1 when not (or a side failed), 2 on bad usage."""
+    from .atomic import atomic_write_text
+    from .commits import compare_commits, report_lines
+    from .publish.json_report import check_report_path
+
+    values = {o.name: getattr(ns, o.name) for o in CLI_OPTIONS
+              if o.audit and o.name != "runs" and getattr(ns, o.name) is not None}
+    try:
+        if ns.json is not None:
+            check_report_path(ns.json)  # before anything runs
+        result = compare_commits(ns.target, ns.base, args=list(ns.args) if ns.target.endswith(".py") else [], **values)
+    except MlreproError as exc:
+        return _usage(str(exc))
+    for line in report_lines(result):
+        print(line, flush=True)
+    if ns.json is not None:
+        try:
+            atomic_write_text(ns.json, json.dumps(result.to_dict(), indent=2) + "\n")
+        except OSError as exc:
+            print(f"mlrepro: cannot write {ns.json}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+    return 0 if result.error is None and result.deterministic else 1
+
+
+def _calibrate(ns: argparse.Namespace) -> int:
+    """``mlrepro calibrate TARGET --runs N --baseline PATH``: 0 written, 1 the audit failed, 2 bad usage."""
+    from .auditing import audit
+    from .baseline.calibrate import calibrate
+    from .baseline.record import BaselineError
+
+    values = {o.name: getattr(ns, o.name) for o in CLI_OPTIONS if o.audit and getattr(ns, o.name) is not None}
+    values.setdefault("runs", 5)
+    try:
+        config = split(values)[0]
+        result = audit(ns.target, config, args=list(ns.args) if ns.target.endswith(".py") else [])
+    except MlreproError as exc:
+        return _usage(str(exc))
+    print(result.summary_line(), flush=True)
+    if result.error is not None:
+        return 1
+    try:
+        entry = calibrate(result, ns.baseline, test=ns.test, audit_index=ns.audit_index, factor=ns.factor)
+    except BaselineError as exc:
+        return _usage(str(exc))
+    for name, s in entry.calibration["spread"].items():
+        tol = entry.calibration["tolerances"][name]
+        print(f"  {name}: largest spread {s['max_abs']:.3g} (relative {s['max_rel']:.3g}) over {s['points']} points "
+              f"-> atol {tol['atol']:.3g}")
+    print(f"calibration of {len(result.replicas)} replicas written to {ns.baseline}")
+    return 0
+
+
 def _publish(ns: argparse.Namespace) -> int:
     from .publish.wandb_report_spec import publish_report_spec
 
@@ -191,6 +273,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ns = _parser().parse_args(argv)
     try:
         with interrupt_on_signals():
+            if ns.command == "compare":
+                return _compare(ns)
+            if ns.command == "calibrate":
+                return _calibrate(ns)
             if ns.command == "audit":
                 return _audit(ns)
             return _publish(ns)

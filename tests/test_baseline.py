@@ -261,3 +261,21 @@ def test_calibration_measures_the_spread_and_gates_a_nondeterministic_training_w
         calibrate(result, path, factor=0.5)
     with pytest.raises(BaselineError, match="cannot calibrate audit 5"):
         calibrate(result, path, audit_index=5)
+
+
+def test_the_calibrate_command_writes_a_baseline_a_gate_reads(tmp_path, capsys):
+    """`mlrepro calibrate` on a real training (deterministic: a zero spread calibrates to exact)."""
+    from pytest_mlrepro import cli
+
+    target = str(Path(__file__).parent / "targets" / "baseline_train.py") + ":train"
+    path = tmp_path / "__mlrepro__" / "test_m" / "test_t.json"
+    assert cli.main(["calibrate", target, "--runs", "3", "--isolation", "inprocess", "--baseline", str(path),
+                     "--test", "test_m.py::test_t"]) == 0
+    out = capsys.readouterr().out
+    assert "calibration of 3 replicas written to" in out and "val_loss: largest spread 0" in out
+    entry = store.read(path).audits[0]
+    assert entry.calibration["replicas"] == 3 and entry.calibration["tolerances"]["loss"]["atol"] == 0.0
+    with pytest.raises(SystemExit) as usage:
+        cli.main(["calibrate", target, "--runs", "1", "--baseline", str(path)])
+    assert usage.value.code == 2
+    assert "runs must be a whole number >= 2, got 1" in capsys.readouterr().err
