@@ -308,6 +308,9 @@ OPTIONS: tuple[Option, ...] = (
            "--mlrepro-baseline", _check_bool("update"), _text_bool, audit=False, switch=True, cli=False),
     Option("update_all", False, "rewrite every baseline this session audits; implies --mlrepro-baseline",
            _check_bool("update_all"), _text_bool, audit=False, switch=True, cli=False),
+    Option("base", None, "compare every audit's target across commits instead: the target at this git ref (in a "
+           "temporary worktree) against the work tree; a test fails where they part", _check_text("base"), _text_str,
+           audit=False, cli=False),
     Option("prune", False, "remove the baselines no test uses any more (they are listed either way)",
            _check_bool("prune"), _text_bool, audit=False, switch=True, cli=False),
 )
@@ -391,6 +394,7 @@ class SessionConfig:
     baseline: bool = False
     update: bool = False
     update_all: bool = False
+    base: Optional[str] = None
     prune: bool = False
 
     @property
@@ -403,7 +407,11 @@ class SessionConfig:
         return "check" if self.baseline or self.prune else None
 
     def validate(self) -> "SessionConfig":
-        return dataclasses.replace(self, **{o.name: o.check(getattr(self, o.name)) for o in SESSION_OPTIONS})
+        checked = dataclasses.replace(self, **{o.name: o.check(getattr(self, o.name)) for o in SESSION_OPTIONS})
+        if checked.base is not None and checked.baseline_mode is not None:
+            raise ConfigError("base (compare with a commit) and the baseline options (baseline, update, update_all, "
+                              "prune) do not combine: gate against stored baselines, or against a commit")
+        return checked
 
 
 assert [f.name for f in dataclasses.fields(SessionConfig)] == [o.name for o in SESSION_OPTIONS]

@@ -5,6 +5,7 @@ attached to the test's report (a section and JUnit properties).
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -15,8 +16,9 @@ CALL_KEYWORDS = ("workdir", "rootdir", "localize_divergence", "diagnose")  # aud
 
 class MlreproHandle:
     def __init__(self, item, config: AuditConfig, marker_target: Any, make_workdir: Callable[[], Path],
-                 record: Callable[[Any, Any], None], sources: Optional[dict] = None):
+                 record: Callable[[Any, Any], None], sources: Optional[dict] = None, base: Optional[str] = None):
         self._item = item
+        self.base = base  # a git ref: audits become comparisons of commits (--mlrepro-base)
         self.sources = dict(sources or {})  # where each option's value came from (command line, MLREPRO_*, ini, marker)
         self.config = config
         self.marker_target = marker_target
@@ -37,9 +39,25 @@ class MlreproHandle:
         if target is None:
             raise ValueError("mlrepro.audit(): no target given and the test's mlrepro marker names none")
         call = {k: overrides.pop(k) for k in CALL_KEYWORDS if k in overrides}
-        call.setdefault("workdir", self._make_workdir())
         call.setdefault("rootdir", str(self._item.config.rootpath))
-        result = audit(target, self.config.merged(overrides), **call)
+        config = self.config.merged(overrides)
+        if self.base is not None:  # pytest --mlrepro-base=REF: this commit against REF, not replica against replica
+            from .commits import compare_commits
+
+            from .errors import MlreproError
+
+            config = dataclasses.replace(config, isolation="process", runs=AuditConfig.runs)
+            try:
+                result = compare_commits(target, self.base, config, rootdir=call["rootdir"],
+                                         **({"localize_divergence": call["localize_divergence"]}
+                                            if "localize_divergence" in call else {}))
+            except MlreproError as exc:  # an unknown ref, no repository, the target missing at the ref
+                import pytest
+
+                pytest.fail(f"mlrepro --mlrepro-base={self.base}: {exc}", pytrace=False)
+        else:
+            call.setdefault("workdir", self._make_workdir())
+            result = audit(target, config, **call)
         self._add(result)
         return result
 

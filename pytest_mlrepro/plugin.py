@@ -71,7 +71,8 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     a, s = r.audit, r.session
     return [f"mlrepro: seed={a.seed} device={a.device} isolation={a.isolation} runs={a.runs} "
             f"deterministic-settings={'on' if a.deterministic else 'off'} timeout={a.timeout or 'none'} "
-            f"wandb={s.wandb} report={s.report or '-'}"]
+            f"wandb={s.wandb} report={s.report or '-'}" + (f" base={s.base}" if s.base else "")
+            + (f" baselines={s.baseline_mode}" if s.baseline_mode else "")]
 
 
 def _marker_config(item: pytest.Item) -> AuditConfig:
@@ -146,7 +147,7 @@ def _handle(item: pytest.Item, factory: pytest.TempPathFactory):
     sources = dict(item.config.stash[options_key].sources)
     sources.update({k: "marker" for k in (marker.kwargs if marker else ()) if k != "target"})
     return MlreproHandle(item, _marker_config(item), _marker_target(item), lambda: factory.mktemp("mlrepro"), _record,
-                         sources=sources)
+                         sources=sources, base=item.config.stash[options_key].session.base)
 
 
 @pytest.fixture

@@ -233,3 +233,28 @@ def test_the_worktree_is_removed_whatever_stops_the_comparison(box, monkeypatch,
             assert "could not compare HEAD with HEAD~1: replica 0 of scripts/train_gate.py:train at HEAD~1 failed" in out
     assert seen and set(seen) == {(2, True)}  # one call per side that started (both, when they run at once)
     box.assert_clean()
+
+
+def test_pytest_mlrepro_base_turns_each_audit_into_a_comparison_of_commits(box):
+    """`pytest --mlrepro --mlrepro-base=REF`: the marked test fails where this commit parts from REF."""
+    import sys
+
+    (box.repo / "test_gate.py").write_text(
+        "import pytest\n\n\n@pytest.mark.mlrepro('scripts/train_gate.py:train')\ndef test_training():\n    pass\n")
+    env = {**os.environ, "TMPDIR": str(box.tmp)}
+
+    def pytest_run(ref: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pytest", "--mlrepro", f"--mlrepro-base={ref}", "-p", "no:cacheprovider",
+                               "-o", "mlrepro_wandb=disabled", "test_gate.py"], cwd=box.repo, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    differs = pytest_run("HEAD~1")
+    assert differs.returncode == 1, differs.stdout + differs.stderr
+    assert "first differs from HEAD~1 at step 3" in differs.stdout, differs.stdout
+    assert "base=HEAD~1" in differs.stdout  # the header says what the session compares with
+    same = pytest_run("HEAD")
+    assert same.returncode == 0, same.stdout + same.stderr
+    unknown = pytest_run("no-such-ref")
+    assert unknown.returncode == 1 and "no-such-ref" in unknown.stdout and "Traceback" not in unknown.stdout
+    assert [line for line in git(box.repo, "worktree", "list", "--porcelain").splitlines()
+            if line.startswith("worktree ")] == [f"worktree {box.repo}"]
