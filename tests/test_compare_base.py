@@ -236,11 +236,13 @@ def test_the_worktree_is_removed_whatever_stops_the_comparison(box, monkeypatch,
 
 
 def test_pytest_mlrepro_base_turns_each_audit_into_a_comparison_of_commits(box):
-    """`pytest --mlrepro --mlrepro-base=REF`: the marked test fails where this commit parts from REF."""
+    """`pytest --mlrepro --mlrepro-base=REF`: a marked test fails where this commit parts from REF, and one
+    whose training did not change between the commits passes."""
     import sys
 
     (box.repo / "test_gate.py").write_text(
-        "import pytest\n\n\n@pytest.mark.mlrepro('scripts/train_gate.py:train')\ndef test_training():\n    pass\n")
+        "import pytest\n\n\n@pytest.mark.mlrepro('scripts/train_gate.py:train')\ndef test_changed():\n    pass\n\n\n"
+        "@pytest.mark.mlrepro('scripts/unseeded.py', args=['4'], cwd='rootdir')\ndef test_unchanged():\n    pass\n")
     env = {**os.environ, "TMPDIR": str(box.tmp)}
 
     def pytest_run(ref: str) -> subprocess.CompletedProcess:
@@ -250,10 +252,10 @@ def test_pytest_mlrepro_base_turns_each_audit_into_a_comparison_of_commits(box):
 
     differs = pytest_run("HEAD~1")
     assert differs.returncode == 1, differs.stdout + differs.stderr
+    assert "1 failed, 1 passed" in differs.stdout, differs.stdout  # the unchanged script agrees across the commits
+    assert "FAILED test_gate.py::test_changed" in differs.stdout
     assert "first differs from HEAD~1 at step 3" in differs.stdout, differs.stdout
     assert "base=HEAD~1" in differs.stdout  # the header says what the session compares with
-    same = pytest_run("HEAD")
-    assert same.returncode == 0, same.stdout + same.stderr
     unknown = pytest_run("no-such-ref")
     assert unknown.returncode == 1 and "no-such-ref" in unknown.stdout and "Traceback" not in unknown.stdout
     assert [line for line in git(box.repo, "worktree", "list", "--porcelain").splitlines()
