@@ -22,7 +22,8 @@ GATE = ("-p", "no:cacheprovider", "--mlrepro", "--mlrepro-baseline")
 @pytest.fixture
 def project(pytester: pytest.Pytester) -> pytest.Pytester:
     pytester.makepyfile(baseline_train=TRAIN)
-    pytester.makeini("[pytest]\nmlrepro_wandb = disabled\nmlrepro_isolation = inprocess\n")
+    # deterministic settings off: they cost a torch._inductor import per run and the gate does not need them
+    pytester.makeini("[pytest]\nmlrepro_wandb = disabled\nmlrepro_isolation = inprocess\nmlrepro_deterministic = false\n")
     pytester.makepyfile(test_gate="""
         import pytest
 
@@ -273,7 +274,8 @@ def test_the_calibrate_command_writes_a_baseline_a_gate_reads(tmp_path, capsys):
 
     target = str(Path(__file__).parent / "targets" / "baseline_train.py") + ":train"
     path = tmp_path / "__mlrepro__" / "test_m" / "test_t.json"
-    assert cli.main(["calibrate", target, "--runs", "3", "--isolation", "inprocess", "--baseline", str(path),
+    assert cli.main(["calibrate", target, "--runs", "3", "--isolation", "inprocess", "--deterministic", "false",
+                     "--baseline", str(path),
                      "--test", "test_m.py::test_t"]) == 0
     out = capsys.readouterr().out
     assert "calibration of 3 replicas written to" in out and "val_loss: largest spread 0" in out
