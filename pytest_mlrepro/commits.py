@@ -371,17 +371,7 @@ def report_lines(result: AuditResult) -> list[str]:
     if result.error is not None and result.error.traceback:
         lines.append("--- traceback of the failing side ---")
         lines.append(result.error.traceback.rstrip())
-    diffs = result.differing_tensors
-    if diffs:
-        lines.append(f"{len(diffs)} of {len(result.tensors)} tensors differ in the final weights:")
-        for t in diffs[:10]:
-            if t.status == "different":
-                lines.append(f"  {t.name} {t.dtype}{t.shape}: max|diff|={t.max_abs_diff:.3g} max_ulp={t.max_ulp} "
-                             f"differing={t.fraction_differing:.1%}")
-            else:
-                lines.append(f"  {t.name}: {t.status}")
-        if len(diffs) > 10:
-            lines.append(f"  ... and {len(diffs) - 10} more")
+    lines.extend(result.tensor_diff_lines("tensors differ in the final weights:"))
     for f in result.findings:
         if f.check != COMMITS and f.verdict != "pass":
             lines.append(f"[{f.check}] {f.verdict}: {f.message}")

@@ -169,25 +169,29 @@ class AuditResult:
             parts.append(f"likely cause: {self.cause.kind} ({self.cause.detail})")
         return "; ".join(parts)
 
+    def tensor_diff_lines(self, heading: str) -> list:
+        """The differing tensors, at most ten, one line each, under "<n> of <total> <heading>"."""
+        diffs = self.differing_tensors
+        if not diffs:
+            return []
+        lines = [f"{len(diffs)} of {len(self.tensors)} {heading}"]
+        for t in diffs[:10]:
+            if t.status == "different":
+                lines.append(f"  {t.name} {t.dtype}{t.shape}: max|diff|={t.max_abs_diff:.3g} max_ulp={t.max_ulp} "
+                             f"differing={t.fraction_differing:.1%}")
+            else:
+                lines.append(f"  {t.name}: {t.status}")
+        if len(diffs) > 10:
+            lines.append(f"  ... and {len(diffs) - 10} more")
+        return lines
+
     def explain(self) -> str:
         """A multi-line human explanation used by ``assert_deterministic`` and the terminal."""
         lines = [self.summary_line()]
         if self.error is not None and self.error.traceback:
             lines.append(f"--- replica {self.error.replica} traceback ---")
             lines.append(self.error.traceback.rstrip())
-        diffs = self.differing_tensors
-        if diffs:
-            lines.append(f"{len(diffs)} of {len(self.tensors)} tensors differ:")
-            for t in diffs[:10]:
-                if t.status == "different":
-                    lines.append(
-                        f"  {t.name} {t.dtype}{t.shape}: max|diff|={t.max_abs_diff:.3g} max_ulp={t.max_ulp} "
-                        f"differing={t.fraction_differing:.1%}"
-                    )
-                else:
-                    lines.append(f"  {t.name}: {t.status}")
-            if len(diffs) > 10:
-                lines.append(f"  ... and {len(diffs) - 10} more")
+        lines.extend(self.tensor_diff_lines("tensors differ:"))
         if self.nondeterministic_ops:
             lines.append("nondeterministic ops seen (deterministic-algorithms warn_only pass):")
             for op in self.nondeterministic_ops[:10]:
