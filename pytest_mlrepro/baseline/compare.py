@@ -58,13 +58,10 @@ def _curves(b: AuditBaseline) -> dict[str, list[tuple[str, Any]]]:
     return curves
 
 
-def _trace(b: AuditBaseline) -> dict:
-    import torch
+def _trace(b: AuditBaseline):
+    from ..tracing.record import TraceRecord
 
-    t = dict(b.trajectory)
-    t["fp"] = torch.tensor(t["fp"], dtype=torch.int64)
-    t.setdefault("steps", len(b.losses))
-    return t
+    return TraceRecord.from_trajectory(b.trajectory, steps=len(b.losses))
 
 
 def _env_changes(a: dict, b: dict) -> str:
