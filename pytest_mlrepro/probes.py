@@ -52,12 +52,25 @@ def call_site() -> str:
     return call_site_info()[0]
 
 
-def _short(value: Any) -> Any:
-    if value is None or isinstance(value, (int, float, str, bool)):
-        return value
-    if hasattr(value, "item") and getattr(value, "numel", lambda: 2)() == 1:
-        return value.item()
-    return repr(value)[:80]
+def seed_value(value: Any) -> tuple[str, Any]:
+    """(kind, value) of what a seeding API was given: ("unseeded", None) for nothing, ("value", v)
+    for a number, string or bytes (a one-element tensor or numpy scalar counts), and ("object",
+    type name) for anything else: ``default_rng(<Generator>)`` passes a generator through, and an
+    object's repr (with its memory address) is never a seed value."""
+    if value is None:
+        return "unseeded", None
+    if isinstance(value, (bool, int, float, str)):
+        return "value", value
+    if isinstance(value, (bytes, bytearray)):
+        return "value", hashlib.sha256(bytes(value)).hexdigest()[:16]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
+        return "value", repr(list(value))[:80]
+    size = value.numel() if callable(getattr(value, "numel", None)) else getattr(value, "size", None)
+    if callable(getattr(value, "item", None)) and size == 1:  # a tensor, numpy array or numpy scalar
+        return "value", value.item()
+    if isinstance(getattr(value, "entropy", None), int):  # a numpy SeedSequence with its entropy
+        return "value", value.entropy
+    return "object", type(value).__name__
 
 
 class SeedProbe:
@@ -81,9 +94,13 @@ class SeedProbe:
         setattr(owner, attr, wrapper)
         self._restore.append((owner, attr, original))
 
-    def record(self, api: str, value: Any) -> None:
+    def record(self, api: str, value: Any) -> dict:
         site, origin = call_site_info()
-        self.calls.append({"api": api, "value": _short(value), "unseeded": value is None, "site": site, "origin": origin})
+        kind, shown = seed_value(value)
+        call = {"api": api, "value": shown, "kind": kind, "unseeded": kind == "unseeded", "site": site,
+                "origin": origin}
+        self.calls.append(call)
+        return call
 
     def install(self) -> None:
         import numpy as np
@@ -98,7 +115,8 @@ class SeedProbe:
         torch.Generator = generator
         self._patch(random, "seed", "random.seed", lambda a, k: first(a, k, "a"))
         self._patch(np.random, "seed", "numpy.random.seed", first)
-        self._patch(np.random, "default_rng", "numpy.random.default_rng", first)
+        self._probe_default_rng(np)
+        self._probe_random_state(np)
         self._patch(torch, "manual_seed", "torch.manual_seed", first)
         self._patch(torch.random, "manual_seed", "torch.manual_seed", first)
         self._patch(torch, "seed", "torch.seed", lambda a, k: None)
@@ -111,11 +129,76 @@ class SeedProbe:
 
         def instance_seed(self_, a=None, version=2):
             if self_ is not getattr(random, "_inst", None):
-                probe.record("random.Random", a)
+                call = probe.record("random.Random", a)
+                if a is None and call["origin"] == "user" and not isinstance(self_, random.SystemRandom):
+                    self_.__class__ = first_draw_class(type(self_))
+                    self_.__dict__[_FIRST_DRAW] = call
             return original_seed(self_, a, version)
 
         random.Random.seed = instance_seed  # type: ignore[method-assign]
         self._restore.append((random.Random, "seed", original_seed))
+        import time
+        import uuid
+
+        for owner, attr, api in ((uuid, "uuid4", "uuid.uuid4"), (os, "urandom", "os.urandom"),
+                                 (time, "time", "time.time"), (time, "time_ns", "time.time_ns")):
+            self._patch_read(owner, attr, api)
+
+    READ_CHECKS = 200  # library calls of a clock or entropy API looked at before the probe stops looking
+
+    def _patch_read(self, owner: Any, attr: str, api: str) -> None:
+        """Record the first time the program itself reads the clock or OS entropy (kind "read"): a hint
+        for which control to try first. Library calls are looked at a bounded number of times."""
+        original, probe, left = getattr(owner, attr), self, [self.READ_CHECKS]
+
+        def wrapper(*args, **kwargs):
+            if left[0] > 0:
+                site, origin = call_site_info()
+                left[0] -= 1
+                if origin == "user":
+                    left[0] = 0
+                    probe.calls.append({"api": api, "value": None, "kind": "read", "unseeded": False, "site": site,
+                                        "origin": origin})
+            return original(*args, **kwargs)
+
+        wrapper.__wrapped__ = original  # type: ignore[attr-defined]
+        setattr(owner, attr, wrapper)
+        self._restore.append((owner, attr, original))
+
+    def _probe_default_rng(self, np: Any) -> None:
+        """default_rng(None) gives a Generator that records where it is first drawn from."""
+        original, probe = np.random.default_rng, self
+
+        def default_rng(seed=None):
+            call = probe.record("numpy.random.default_rng", seed)
+            rng = original(seed)
+            if seed is None and call["origin"] == "user":
+                rng = first_draw_class(type(rng))(rng.bit_generator)  # the same stream
+                rng.__dict__[_FIRST_DRAW] = call
+            return rng
+
+        default_rng.__wrapped__ = original  # type: ignore[attr-defined]
+        self._restore.append((np.random, "default_rng", original))
+        np.random.default_rng = default_rng
+
+    def _probe_random_state(self, np: Any) -> None:
+        """np.random.RandomState is a C type: the program gets a subclass that reports its seed and,
+        made without one, where it is first drawn from (pickled as numpy's own, whose ``__reduce__``
+        names numpy's constructor)."""
+        base, probe = np.random.RandomState, self
+
+        class RandomState(first_draw_class(base), metaclass=StandIn):
+            _stands_in_for = base
+
+            def __init__(self, seed=None):
+                call = probe.record("numpy.random.RandomState", seed)
+                super().__init__(seed)
+                if seed is None and call["origin"] == "user":
+                    self.__dict__[_FIRST_DRAW] = call
+
+        RandomState.__module__ = base.__module__
+        self._restore.append((np.random, "RandomState", base))
+        np.random.RandomState = RandomState
 
     def uninstall(self) -> None:
         while self._restore:
@@ -138,6 +221,48 @@ class SeedProbe:
             elif api.startswith("torch.cuda"):
                 names.add("cuda")
         return names
+
+
+class StandIn(type):
+    """Metaclass of a subclass put in place of a class (np.random.RandomState) for a run: ``isinstance``
+    and ``issubclass`` against it answer as against the class it stands in for, so objects made before
+    it (numpy's global RandomState, an unpickled one) still count, and ``check_random_state``-style
+    code in the program and its libraries behaves as without us."""
+
+    def __instancecheck__(cls, obj) -> bool:
+        return isinstance(obj, cls.__dict__.get("_stands_in_for", cls.__mro__[1]))
+
+    def __subclasscheck__(cls, sub) -> bool:
+        return issubclass(sub, cls.__dict__.get("_stands_in_for", cls.__mro__[1]))
+
+
+_FIRST_DRAW = "_mlrepro_first_draw"
+# state access, and what seed_value looks at when a generator is passed to a seeding API, is no draw
+# (numpy's default_rng(<Generator>) probes for a bit generator's ``capsule``)
+_NOT_DRAWS = frozenset({"seed", "getstate", "setstate", "get_state", "set_state", "bit_generator", "numel", "size",
+                        "item", "entropy", "capsule", "ctypes", "cffi", "lock", "state", "spawn"})
+_FIRST_DRAW_CLASSES: dict = {}
+
+
+def first_draw_class(base: type) -> type:
+    """A subclass of a generator class whose instances, given a seed-call record under
+    ``_FIRST_DRAW``, put the call site of their first draw into it as ``first_draw`` (then stop
+    looking: one dict lookup per attribute access after that)."""
+    if base not in _FIRST_DRAW_CLASSES:
+        def __getattribute__(self, name):
+            if name[:1] != "_" and name not in _NOT_DRAWS:
+                d = object.__getattribute__(self, "__dict__")
+                call = d.get(_FIRST_DRAW)
+                if call is not None:
+                    d[_FIRST_DRAW] = None
+                    call["first_draw"] = call_site()
+            return base.__getattribute__(self, name)
+
+        attrs = {"__getattribute__": __getattribute__, "__module__": base.__module__}
+        if issubclass(base, random.Random):  # Random pickles as its class: keep that the program's own
+            attrs["__reduce__"] = lambda self: (base, (), self.getstate())
+        _FIRST_DRAW_CLASSES[base] = type(base.__name__, (base,), attrs)
+    return _FIRST_DRAW_CLASSES[base]
 
 
 def _make_probed_generator():
