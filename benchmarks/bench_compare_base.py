@@ -2,7 +2,7 @@
 
 Builds a temporary git repository holding a copy of ``benchmarks/workloads.py`` (one commit), then
 times, interleaved, a plain run of the training (``python workloads.py --size mlp --epochs N``, from
-outside: interpreter, imports, training) and ``mlrepro compare --base HEAD workloads.py --args ...``
+outside: interpreter, imports, training) and ``mlrepro compare --base HEAD workloads.py -- ...``
 (the CLI in a fresh process: a temporary worktree of HEAD, one replica there and one in the work
 tree, both compared; the two sides agree, so no replay runs). Prints compare ÷ (2 × the mean of the
 plain runs just before and after it). Asserts nothing about timings. Child processes get
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         repo = make_repo(Path(tmp))
         plain_cmd = [sys.executable, "workloads.py", *train_args]
         compare_cmd = [sys.executable, "-m", "pytest_mlrepro.cli", "compare", "--base", "HEAD", "workloads.py",
-                       "--device", "cpu", *(["--parallel", a.parallel] if a.parallel else []), "--args", *train_args]
+                       "--device", "cpu", *(["--parallel", a.parallel] if a.parallel else []), "--", *train_args]
         plain, compares = [timed_run(plain_cmd, cwd=repo)[0]], []
         for _ in range(a.rounds):
             elapsed, proc = timed_run(compare_cmd, cwd=repo)

@@ -22,6 +22,9 @@ def add_pytest_options(group: Any, addini: Callable[..., None]) -> None:
         if o.switch:
             group.addoption("--mlrepro-" + o.flag, dest=f"mlrepro_{o.name}", action="store_const", const="true",
                             default=None, help=text)
+        elif o.repeat:  # a list of texts; the option's check joins them
+            group.addoption("--mlrepro-" + o.flag, dest=f"mlrepro_{o.name}", action="append", default=None,
+                            metavar=o.name.upper(), help=text)
         else:
             group.addoption("--mlrepro-" + o.flag, dest=f"mlrepro_{o.name}", default=None, metavar=o.name.upper(),
                             help=text)

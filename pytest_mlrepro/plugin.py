@@ -56,6 +56,11 @@ def pytest_configure(config: pytest.Config) -> None:
             from .publish.json_report import check_report_path
 
             check_report_path(publish.report_path)
+        if resolved.session.target:  # a typo in --mlrepro-target stops the session before anything runs
+            from .preflight import check_target
+
+            for target in resolved.session.target:
+                check_target(target, rootdir=config.invocation_params.dir)
     except MlreproError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[options_key] = resolved
@@ -197,6 +202,46 @@ def _gate(item: pytest.Item, handle: Any) -> None:
         item.config.stash.setdefault(baseline_notes_key, []).append(outcome.message)
     if not outcome.passed:
         pytest.fail(outcome.message, pytrace=False)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -k / -m / --deselect see the items
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
+    """--mlrepro-target: one test item per check of each target, collected without a test file."""
+    resolved = config.stash.get(options_key, None)
+    if resolved is None or not resolved.session.target:
+        return
+    from .target_items import collectors
+
+    for collector in collectors(session, resolved.session.target, Path(config.invocation_params.dir), _audit_target,
+                                _record_target):
+        new = collector.collect()
+        config.hook.pytest_collectreport(report=pytest.CollectReport(collector.nodeid, "passed", None, new))
+        items.extend(new)
+
+
+def _audit_target(collector: Any, item: pytest.Item) -> Any:
+    """The audit of one --mlrepro-target, run by the first of its items this process runs."""
+    resolved = item.config.stash[options_key]
+    if not resolved.enabled:
+        pytest.skip(SKIP_REASON)
+    from .auditing import audit
+    from .result import AuditError, AuditResult
+
+    cfg = resolved.audit
+    try:
+        result = audit(collector.target, cfg, rootdir=collector.rootdir,
+                       workdir=item.config._tmp_path_factory.mktemp("mlrepro-target"))  # type: ignore[attr-defined]
+    except MlreproError as exc:  # no CUDA where it was asked for, ...: every item of the target says so
+        result = AuditResult(target=collector.target, seed=cfg.seed, runs=cfg.runs, device=cfg.device,
+                             isolation=cfg.isolation, seeding="-", comparison={}, deterministic=False,
+                             error=AuditError(type=type(exc).__name__, message=str(exc)))
+    return result
+
+
+def _record_target(item: pytest.Item, result: Any) -> None:
+    """A target's audit, recorded once (by its reproducible item) under the target's node id."""
+    _record(item, result)
+    result.test = item.parent.nodeid
 
 
 def pytest_deselected(items: list) -> None:
