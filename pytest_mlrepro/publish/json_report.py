@@ -25,7 +25,7 @@ REPORT_VERSION = 1
 VERDICTS = ("deterministic", "pass", "nondeterministic", "failed-checks", "error")
 PASSING = ("deterministic", "pass")  # audits that matched; checks-only results whose checks passed
 KINDS = ("audit", "checks")
-FINDING_VERDICTS = ("pass", "fail", "error", "skip")
+FINDING_VERDICTS = ("pass", "fail", "error", "skip", "warn")  # warn: worth a look, never fails a test
 
 
 def _package_version() -> Optional[str]:
@@ -246,6 +246,8 @@ def _validate_audit(p: list, w: str, a: Any) -> None:
                  ("step_divergence", list), ("findings", list)):
         _require(p, w, a, k, t)
     _require(p, w, a, "wall_time_s", _NUM, optional=True)
+    if "nproc" in a:  # added within version 1 (DDP audits): older reports lack it
+        _check(p, f"{w}.nproc", a["nproc"], int)
     if "final_fingerprints" in a:  # added within version 1: older reports lack it
         _check(p, f"{w}.final_fingerprints", a["final_fingerprints"], dict, optional=True)
     fd = _require(p, w, a, "first_divergence", dict, optional=True)
@@ -259,6 +261,8 @@ def _validate_audit(p: list, w: str, a: Any) -> None:
         _require(p, f"{w}.first_divergence", fd, "message", str)
         if "evidence" in fd:
             _require(p, f"{w}.first_divergence", fd, "evidence", dict)
+        if "rank" in fd:  # added within version 1 (DDP audits): older reports lack it
+            _require(p, f"{w}.first_divergence", fd, "rank", int, optional=True)
     cause = _require(p, w, a, "cause", dict, optional=True)
     if isinstance(cause, dict):
         _require(p, f"{w}.cause", cause, "kind", str)
