@@ -7,6 +7,7 @@ Child processes get ``OMP_NUM_THREADS=1`` (set it for this process too).
     OMP_NUM_THREADS=1 python benchmarks/bench_audit.py wall    # audit / (2 x plain run), training >= 10 s
     OMP_NUM_THREADS=1 python benchmarks/bench_audit.py trace   # traced vs untraced step, in one process
     OMP_NUM_THREADS=1 python benchmarks/bench_audit.py load    # plugin import time, pytest --co with/without it
+    OMP_NUM_THREADS=1 python benchmarks/bench_audit.py fixed   # K audits' CPU / 2K plain runs: process vs forkserver
     ... add --quick to any of them for a short smoke run (figures then mean little).
 
 Targets (issue 2): audit wall time <= 1.10 x two plain trainings; trace overhead <= 3 % per step on CPU.
@@ -446,9 +447,57 @@ def bench_load(args) -> None:
     print(f"load avg at the end: {load_avg()}")
 
 
+# -- 4. fixed cost per audit: fresh interpreters against a fork server ------------------------------
+SERIES_SNIPPET = """
+import json, sys, time
+import pytest_mlrepro
+walls = []
+for _ in range(int(sys.argv[2])):
+    start = time.perf_counter()
+    r = pytest_mlrepro.audit(sys.argv[3], args=tuple(sys.argv[4:]), device="cpu", isolation=sys.argv[1], parallel=1)
+    walls.append(time.perf_counter() - start)
+    if r.error is not None or not r.deterministic:
+        raise SystemExit(f"the audit failed: {r.explain()}")
+print(json.dumps({"walls": walls}))
+"""
+
+
+def bench_fixed(args) -> None:
+    """K audits in one process, CPU time (the process and every descendant) against 2K plain runs."""
+    banner("fixed cost: CPU of K audits in one process / CPU of 2K plain runs, per isolation")
+    epochs = args.epochs
+    if epochs is None:
+        epochs, per_epoch = calibrate_epochs(args.size, args.train_seconds)
+        print(f"calibration: one epoch of '{args.size}' took {per_epoch:.3f} s in-process -> {epochs} epochs")
+    plains = [plain_run(args.size, epochs)]
+    rows = []
+    for isolation in args.isolations.split(","):
+        cmd = [sys.executable, "-c", SERIES_SNIPPET, isolation, str(args.audits), str(WORKLOADS),
+               "--size", args.size, "--epochs", str(epochs)]
+        wall, proc = timed_run(cmd, cwd=ROOT)
+        plains.append(plain_run(args.size, epochs))
+        rows.append((isolation, wall, proc.cpu_s, json.loads(proc.stdout.strip().splitlines()[-1])["walls"]))
+    plain_cpu = statistics.mean(p[2] for p in plains)
+    plain_wall = statistics.mean(p[0] for p in plains)
+    print(f"plain run (fresh process): wall {plain_wall:.2f} s, CPU {plain_cpu:.2f} s (mean of {len(plains)})")
+    for isolation, wall, cpu_s, walls in rows:
+        print(f"isolation={isolation:10s} {args.audits} audits: CPU {cpu_s:.1f} s -> "
+              f"CPU / (2 x {args.audits} plain) = {cpu_s / (2 * args.audits * plain_cpu):.3f}; "
+              f"audit walls {', '.join(f'{w:.1f}' for w in walls)} s (one replica at a time; "
+              f"later audits / 2 plain = {statistics.mean(walls[1:] or walls) / (2 * plain_wall):.3f})")
+    print(f"load avg at the end: {load_avg()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
+    p = sub.add_parser("fixed", help="CPU of K audits in one process / CPU of 2K plain runs, process vs forkserver")
+    p.add_argument("--size", default="mlp", help="workload size (benchmarks/workloads.py). Default: %(default)r")
+    p.add_argument("--train-seconds", type=float, default=7.0, help="aim the training at this many seconds. Default: %(default)r")
+    p.add_argument("--epochs", type=int, default=None, help="fixed epochs instead of calibrating. Default: calibrate")
+    p.add_argument("--audits", type=int, default=3, help="audits in the one process (K). Default: %(default)r")
+    p.add_argument("--isolations", default="process,forkserver", help="comma-separated. Default: %(default)r")
+    p.add_argument("--quick", action="store_true", help="a ~1 s training, 2 audits")
     p = sub.add_parser("wall", help="audit wall time / (2 x one plain training)")
     p.add_argument("--size", default="mlp", help="workload size (benchmarks/workloads.py). Default: %(default)r")
     p.add_argument("--train-seconds", type=float, default=9.0,
@@ -472,7 +521,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="2 runs of each command, 3 files")
     args = parser.parse_args()
     if args.quick:
-        if args.bench == "wall":
+        if args.bench == "fixed":
+            args.train_seconds, args.audits = 1.0, 2
+        elif args.bench == "wall":
             args.train_seconds, args.rounds = 2.0, 1
         elif args.bench == "trace":
             args.reps, args.block_s = 3, 0.1
@@ -480,7 +531,7 @@ def main() -> None:
             args.reps, args.files = 2, 3
     if args.bench == "wall":
         os.environ["MLREPRO_BENCH_PARALLEL"] = args.parallel
-    {"wall": bench_wall, "trace": bench_trace, "load": bench_load}[args.bench](args)
+    {"wall": bench_wall, "trace": bench_trace, "load": bench_load, "fixed": bench_fixed}[args.bench](args)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from . import causes, environment, localize
-from .config import AUDIT_OPTIONS, AuditConfig
+from . import causes, controls, environment, localize
+from .config import AUDIT_OPTIONS, PROCESS_ISOLATIONS, AuditConfig
 from .errors import ConfigError, MlreproError, ReplicaError, TargetError
 from .replica import ReplicaSpec
 from .result import AuditError, AuditResult, Divergence, NondeterministicOp, ReplicaSummary
 from .runner import ReplicaOutput, run
 from .seeding import replica_entropy, replica_hash_seed
 from .process_tree import interrupt_on_signals
+from .progress import track
 from .targets import TargetSpec, resolve
 
 
@@ -36,14 +37,20 @@ def replica_slots(config: AuditConfig, runs: int) -> int:
     """How many replicas run at once: with ``parallel="auto"``, as many as the cores allow without
     oversubscribing (cores ÷ xdist workers ÷ the training's intra-op threads), one at a time in-process
     or on a GPU (one device: concurrent replicas would compete for it and its memory)."""
-    if config.isolation != "process" or config.device == "cuda":
+    if config.isolation not in PROCESS_ISOLATIONS or config.device == "cuda":
         return 1
     if config.parallel != "auto":
         return max(1, min(config.parallel, runs))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1))
     threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or _torch_threads()
-    return max(1, min(runs, cores // workers // max(1, threads)))
+    return max(1, min(runs, cores // workers // (max(1, threads) * config.nproc)))  # a DDP replica: nproc ranks
+
+
+def diagnosis_width(config: AuditConfig) -> int:
+    """Diagnosis rerun pairs run at once: as many as the cores allow (two replicas a pair), not capped
+    by ``runs`` as the replicas are (two replicas would leave every other core idle)."""
+    return max(1, replica_slots(config, 2 * len(controls.CONTROLS)) // 2)
 
 
 def _torch_threads() -> int:
@@ -60,6 +67,7 @@ def audit(
     rootdir: Optional[Union[str, os.PathLike]] = None,
     localize_divergence: bool = True,
     diagnose: bool = True,
+    progress: Optional[Callable] = None,
     **overrides: Any,
 ) -> AuditResult:
     """Run ``target`` ``runs`` times with the same seed and compare the final weights.
@@ -69,14 +77,16 @@ def audit(
     before anything runs: a bad one raises :class:`~pytest_mlrepro.errors.ConfigError` (a ValueError).
     ``workdir`` holds each replica's outputs and working folder; when not given a temporary folder is
     used and removed. ``rootdir`` is where relative references resolve (default: the current folder).
-    Bad targets raise; a failing target gives a result whose ``error`` says why. The options
+    Bad targets raise; a failing target gives a result whose ``error`` says why. ``progress``, when given,
+    is called with a :class:`~pytest_mlrepro.progress.ProgressEvent` as each replica or extra run
+    (replay, dense re-trace, diagnosis rerun) starts, runs, finishes or fails. The options
     (see docs and :data:`pytest_mlrepro.config.OPTIONS`):
     """
     if config is not None and not isinstance(config, AuditConfig):
         raise ConfigError(f"config must be an AuditConfig, got {type(config).__name__}; pass single options as keywords")
     config = (config or AuditConfig()).merged(overrides)
     spec = resolve(target, rootdir=rootdir)
-    if spec.kind == "callable" and config.isolation == "process":
+    if spec.kind == "callable" and config.isolation in PROCESS_ISOLATIONS:
         raise TargetError(
             f"target {spec.display} cannot be run in a fresh process: it is not importable by reference (a lambda, "
             "a closure or a callable object). Define it at module level, pass 'file.py:function', or use "
@@ -85,14 +95,14 @@ def audit(
                                  seeding=config.seeding or spec.default_seeding)
     result = AuditResult(target=spec.display, seed=config.seed, runs=config.runs, device=config.device,
                          isolation=config.isolation, seeding=config.seeding, comparison=config.comparison,
-                         deterministic=False)
+                         deterministic=False, nproc=config.nproc)
     owned = workdir is None
     root = Path(tempfile.mkdtemp(prefix="mlrepro-")) if owned else Path(workdir).resolve()  # replicas run elsewhere
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
         with interrupt_on_signals():  # SIGTERM between replicas too: stop, remove the owned folder
-            _execute(spec, result, root, config, rootdir, localize_divergence, diagnose)
+            _execute(spec, result, root, config, rootdir, localize_divergence, diagnose, progress)
     finally:
         result.wall_time_s = time.perf_counter() - started
         if owned:
@@ -101,11 +111,19 @@ def audit(
 
 
 def _execute(spec: TargetSpec, result: AuditResult, root: Path, config: AuditConfig, rootdir,
-             localize_divergence: bool, diagnose: bool) -> None:
+             localize_divergence: bool, diagnose: bool, progress: Optional[Callable] = None) -> None:
     """The replicas, their comparison and diagnosis, then the best-checkpoint checks."""
-    run = _Audit(spec, result, root, config,
+    run = _Audit(spec, result, root, config, progress=progress,
                  cwd=str(Path(rootdir or Path.cwd()).resolve()) if config.cwd == "rootdir" else None)
     run.execute(localize_divergence=localize_divergence, diagnose=diagnose)
+    if config.nproc > 1 and result.error is None:
+        from .distributed import review
+
+        review(run, localize_divergence=localize_divergence)  # other ranks, the divergence's rank, cross-rank findings
+    if config.invariant and result.error is None:
+        from .invariance import invariance_findings
+
+        result.findings.extend(invariance_findings(run, config.invariant))
     if config.checkpoint is not None and result.error is None:
         from .checkpoint.audit import check_audit_checkpoint
 
@@ -122,26 +140,29 @@ class _Audit:
     """One audit's run: replicas, comparison, localization, diagnosis."""
 
     def __init__(self, spec: TargetSpec, result: AuditResult, root: Path, config: AuditConfig, *,
-                 cwd: Optional[str] = None):
+                 cwd: Optional[str] = None, progress: Optional[Callable] = None):
         self.spec, self.result, self.root, self.config, self.cwd = spec, result, root, config, cwd
+        self.progress = progress  # ProgressEvent callback (progress.track), or None
         self.trace_every, self.isolation = config.trace_every, config.isolation
         self.slots = result.parallel = replica_slots(config, config.runs)
         self.inherit_hash_seed = "PYTHONHASHSEED" in os.environ
 
     def _hash_seed(self, index: int, pinned: Optional[str] = None) -> Optional[str]:
-        if self.isolation != "process" or self.inherit_hash_seed:
+        if self.isolation not in PROCESS_ISOLATIONS or self.inherit_hash_seed:
             return None
         return pinned or replica_hash_seed(self.result.seed, index)
 
     def _run(self, index: int, label: str, *, replay_step: Optional[int] = None, hash_seed: Optional[str] = None,
-             dense_until: Optional[int] = None) -> ReplicaOutput:
+             dense_until: Optional[int] = None, controls: frozenset = frozenset(),
+             perturb: frozenset = frozenset(), timeout: Optional[float] = None) -> ReplicaOutput:
         folder = self.root / f"{label}-{index}"
         spec = ReplicaSpec(target=self.spec, index=index, config=self.config, workdir=str(folder / "work"),
                            replay_step=replay_step, cwd=self.cwd,
                            trace_every=1 if dense_until is not None else self.trace_every, stop_after=dense_until,
-                           entropy=replica_entropy(self.result.seed, index))
-        return run(spec, folder / "out", isolation=self.isolation, timeout=self.config.timeout,
-                   hash_seed=hash_seed if hash_seed is not None else self._hash_seed(index))
+                           entropy=replica_entropy(self.result.seed, index), controls=controls, perturb=perturb)
+        with track(self.progress, label, index, folder / "out"):
+            return run(spec, folder / "out", isolation=self.isolation, timeout=timeout or self.config.timeout,
+                       hash_seed=hash_seed if hash_seed is not None else self._hash_seed(index))
 
     def _run_all(self, calls: list) -> list:
         """``_run(index, label, **kw)`` for each call, up to ``slots`` at once; outputs in call order
@@ -157,10 +178,12 @@ class _Audit:
     def execute(self, *, localize_divergence: bool, diagnose: bool) -> None:
         from .compare import compare_state_files, nonfinite_finding
         from .context import metrics_finding
+        from .observe import META_KEY as OBSERVED_KEY
+        from .observe.rules import observed_findings
 
         r = self.result
         try:
-            outputs = self._run_all([(i, "replica", {}) for i in range(r.runs)])
+            outputs = self.outputs = self._run_all([(i, "replica", {}) for i in range(r.runs)])
         except ReplicaError as exc:
             r.error = AuditError(type=exc.kind, message=str(exc), replica=exc.replica, traceback=exc.traceback)
             return
@@ -169,7 +192,8 @@ class _Audit:
         r.environment = metas[0]["environment"]
         r.replicas = [ReplicaSummary(index=m["index"], wall_time_s=m["wall_time_s"], steps=m["steps"],
                                      seeding={k: m["seeding"][k] for k in ("mode", "seed", "seeded")},
-                                     metrics=m["metrics"], losses=t["losses"], environment=m["environment"])
+                                     metrics=m["metrics"], losses=t.losses, environment=m["environment"],
+                                     trace_every=t.every)
                       for m, t in zip(metas, traces)]
         r.nondeterministic_ops = _merge_ops(metas)
         other, nonfinite = 1, {}  # replica -> {tensor: NaN/inf counts}, counted while comparing
@@ -186,6 +210,7 @@ class _Audit:
                 break
         problems = [(m["index"], m.get("metric_problems", []), m.get("metric_problem_count", 0)) for m in metas]
         r.findings.extend(f for f in (metrics_finding(problems), nonfinite_finding(nonfinite)) if f is not None)
+        r.findings.extend(observed_findings(metas[0].get(OBSERVED_KEY, {}).get("observations", [])))  # replica 0's callbacks
         r.compared = "weights"
         r.trajectory = localize.trajectory(traces[0])
         r.deterministic = all(d.equal for d in r.tensors)
@@ -208,20 +233,23 @@ class _Audit:
             first = next((d for d in self.result.tensors if not d.equal), None)
             name = first.name if first else None
             return Divergence(step=None, tensor=name, tensors=[d.name for d in self.result.tensors if not d.equal],
-                              phase="final", message=(f"every optimizer step matched, but the final `{name}` differs "
-                                                      "(a buffer, or a change after the last step)"))
+                              phase="final", message=(f"every traced step matched (parameters and floating-point "
+                                                      f"buffers), but the final `{name}` differs: it is not traced "
+                                                      "(an integer buffer, state outside the trained modules) or "
+                                                      "changed after the last traced step"))
         if td.kind == "init":
             return localize.describe_init(td, traces[0])
         note = ""
-        if td.kind == "step" and self.trace_every > 1:
-            td, note = self._dense_retrace(td, other)
+        if not localize.exact_step(td, traces[0], traces[other]):  # a thinned trace: the step before was not recorded
+            td, note = self._dense_retrace(td, other, max(traces[0].every, traces[other].every))
             if td.kind == "init":
                 return localize.describe_init(td, traces[0])
         ra = rb = None
         if localize_divergence and td.kind == "step":
             try:
-                ra, rb = (o.trace()["replay"] for o in self._run_all(
-                    [(0, "replay", {"replay_step": td.step}), (other, "replay", {"replay_step": td.step})]))
+                self.replays = self._run_all(
+                    [(0, "replay", {"replay_step": td.step}), (other, "replay", {"replay_step": td.step})])
+                ra, rb = (o.trace().replay for o in self.replays)
             except ReplicaError as exc:
                 div = localize.describe_from_replay(td, traces[0], None, None)
                 div.message += f" (the replay failed: {exc})"
@@ -230,40 +258,64 @@ class _Audit:
         div.message += note
         return div
 
-    def _dense_retrace(self, td, other):
+    def _dense_retrace(self, td, other, every: int):
         """The coarse trace says "somewhere after the last equal recorded step": re-run both replicas,
         tracing every step and stopping at the coarse step, to find the exact one."""
         try:
             a, b = (o.trace() for o in self._run_all(
                 [(0, "dense", {"dense_until": td.step}), (other, "dense", {"dense_until": td.step})]))
         except ReplicaError as exc:
-            return td, f" (traced every {self.trace_every} steps; the dense re-trace failed: {exc})"
+            return td, f" (traced every {every} steps; the dense re-trace failed: {exc})"
         exact = localize.first_divergence(a, b)
         if exact is None or exact.kind == "structure":
-            return td, f" (traced every {self.trace_every} steps; the dense re-trace did not reproduce it)"
+            return td, f" (traced every {every} steps; the dense re-trace did not reproduce it)"
         return exact, ""
 
     def _diagnose(self, metas, traces, other, divergence):
+        """Hints from the recorded evidence order the controlled reruns; the rerun that makes the
+        replicas agree names the cause (causes/)."""
         env_diff = environment.differences(metas[0]["environment"], metas[other]["environment"])
-        rng_a, rng_b = traces[0].get("rng_at_first_step"), traces[other].get("rng_at_first_step")
-        cause = causes.infer(metas[0], metas[other], divergence, env_diff, hash_seed_confirmed=None, rng_a=rng_a, rng_b=rng_b)
-        if cause.kind in ("data_order", "unknown") and self._hash_seed(0) is not None and self._hash_seed(0) != self._hash_seed(other):
-            if self._pinned_hash_seed_agrees(other):
-                cause = causes.infer(metas[0], metas[other], divergence, env_diff, hash_seed_confirmed=True)
-        return cause
+        evidence = causes.Evidence(
+            a=causes.ReplicaEvidence.from_meta(metas[0], traces[0].rng_at_first_step),
+            b=causes.ReplicaEvidence.from_meta(metas[other], traces[other].rng_at_first_step),
+            divergence=causes.DivergenceFacts.from_divergence(divergence), env_diff=env_diff)
+        hash_seeds_differ = self._hash_seed(0) is not None and self._hash_seed(0) != self._hash_seed(other)
+        applicable = [c.name for c in controls.CONTROLS if (c.name != "hash_seed" or hash_seeds_differ)
+                      and (not c.cuda_only or self.config.device == "cuda")]
 
-    def _pinned_hash_seed_agrees(self, other: int) -> bool:
-        """Experiment: rerun both replicas with one PYTHONHASHSEED; True if traces and weights then agree."""
+        def run_batch(sets: list) -> list:
+            if len(sets) == 1:
+                return [self._experiment(other, sets[0])]
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=len(sets), thread_name_prefix="mlrepro-diagnosis") as pool:
+                return list(pool.map(lambda s: self._experiment(other, s), sets))
+
+        return causes.diagnose(evidence, applicable, run_batch, width=diagnosis_width(self.config))
+
+    def _rerun_timeout(self) -> float:
+        """A control can slow a program down (the frozen clock of a loop that waits for time to pass): a
+        rerun gets the audit's timeout, or when it has none 4 x its slowest replica plus a minute; one
+        that runs out proves nothing (an experiment with an error), and the other controls still run."""
+        if self.config.timeout is not None:
+            return self.config.timeout
+        return 60.0 + 4 * max((s.wall_time_s for s in self.result.replicas), default=0.0)
+
+    def _experiment(self, other: int, names: frozenset) -> "causes.Experiment":
+        """A diagnosis rerun: replicas 0 and ``other`` again, as before but with the named controls
+        applied (hash_seed: both get replica 0's PYTHONHASHSEED); agreed if traces and weights match."""
         from .compare import compare_state_files
 
-        pinned = self._hash_seed(0)
+        label = controls.rerun_label(names)
+        kw = {"controls": names, "hash_seed": self._hash_seed(0) if "hash_seed" in names else None,
+              "timeout": self._rerun_timeout()}
         try:
-            a, b = self._run_all([(0, "hashpin", {"hash_seed": pinned}), (other, "hashpin", {"hash_seed": pinned})])
-        except ReplicaError:
-            return False
-        if localize.first_divergence(a.trace(), b.trace()) is not None:
-            return False
-        return compare_state_files(a.weights_path, b.weights_path, **self.result.comparison).equal
+            a, b = self._run_all([(0, label, kw), (other, label, kw)])
+        except ReplicaError as exc:
+            return causes.Experiment(names, False, label, error=str(exc))
+        agreed = (localize.first_divergence(a.trace(), b.trace()) is None
+                  and compare_state_files(a.weights_path, b.weights_path, **self.result.comparison).equal)
+        return causes.Experiment(names, agreed, label)
 
 
 def _merge_ops(metas: list[dict]) -> list[NondeterministicOp]:

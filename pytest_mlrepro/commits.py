@@ -34,7 +34,7 @@ from typing import Any, Iterator, Optional, Union
 
 from .auditing import _Audit, resolve_device
 from .checks import COMMITS  # the check of the finding every comparison carries
-from .config import AuditConfig
+from .config import PROCESS_ISOLATIONS, AuditConfig
 from .errors import ConfigError, MlreproError
 from .replica import ReplicaSpec
 from .result import AuditResult, Divergence, Finding
@@ -203,8 +203,9 @@ class _SideSpec(ReplicaSpec):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        main = sys.modules.get("__main__")
-        if getattr(getattr(main, "__spec__", None), "name", None) == "pytest_mlrepro.replica":  # only in a replica
+        from . import replica
+
+        if replica.AS_PROCESS:  # only in a replica process, not in the parent that pickled it
             paths = [p for p in self.import_paths if p not in sys.path]
             sys.path[0:0] = paths
             os.environ["PYTHONPATH"] = os.pathsep.join(
@@ -254,7 +255,7 @@ def compare_commits(
     if "runs" in overrides:
         raise ConfigError("runs does not apply to a comparison of commits: it runs one replica on each side")
     config = (config or AuditConfig()).merged(overrides)
-    if config.isolation != "process":
+    if config.isolation not in PROCESS_ISOLATIONS:
         raise ConfigError("compare --base runs each side in its own process, so that each imports its own copy of "
                           f"the code; isolation={config.isolation!r} cannot do that")
     if config.checkpoint is not None:

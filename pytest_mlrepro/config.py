@@ -23,12 +23,14 @@ from .errors import ConfigError
 
 # -- the choices, shared by every module that needs them --------------------------------------------
 DEVICES = ("auto", "cpu", "cuda")
-ISOLATION_MODES = ("process", "inprocess")
+ISOLATION_MODES = ("process", "forkserver", "inprocess")
+PROCESS_ISOLATIONS = ("process", "forkserver")  # each replica a process of its own
 SEEDING_MODES = ("harness", "program")
 COMPARE_MODES = ("bitwise", "tolerance", "ulp")
 CWD_MODES = ("replica", "rootdir")
 WANDB_MODES = ("offline", "online", "disabled")
 MAX_SEED = 2**32 - 1  # numpy's global generator takes seeds below 2**32
+MAX_NPROC = 64  # ranks per replica (one machine: torchrun's --nproc-per-node)
 
 
 # -- checks of typed values (the single validation) --------------------------------------------------
@@ -63,6 +65,8 @@ def _check_runs(v):
 
 
 def _check_trace_every(v):
+    if v == "auto":
+        return v
     return _whole("trace_every", v, 1)
 
 
@@ -81,6 +85,10 @@ def _check_parallel(v):
 def _text_parallel(s: str):
     t = s.strip().lower()
     return t if t == "auto" else _text_int(s)
+
+
+def _check_nproc(v):
+    return _whole("nproc", v, 1, MAX_NPROC)
 
 
 def _check_timeout(v):
@@ -131,6 +139,35 @@ def _check_checkpoint(v):
 TOLERANCE_KEYS = ("atol", "rtol", "allow_failing")
 
 
+INVARIANT_AXES = ("threads", "hashseed", "listing-order", "clock")
+
+
+def _check_invariant(v):
+    """Axes of the invariance matrix, each with an optional absolute tolerance: ``"threads=1e-6,clock"``
+    or ``[("threads", 1e-6), "clock"]``; normalised to a tuple of (axis, tolerance or None)."""
+    if isinstance(v, str):
+        v = _split_tags(v)
+    if not isinstance(v, (list, tuple)):
+        raise ConfigError(f"invariant must be a comma-separated list of axes ({', '.join(INVARIANT_AXES)}), got {v!r}")
+    axes: dict = {}
+    for given in v:
+        item = given
+        if isinstance(item, str):
+            name, _, tol = item.partition("=")
+            item = (name.strip(), tol.strip() or None)
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and item[0] in INVARIANT_AXES):
+            raise ConfigError(f"invariant: unknown axis {given!r}; known: {', '.join(INVARIANT_AXES)} (each may carry "
+                              "a tolerance, threads=1e-6)")
+        name, tol = item
+        if tol is not None:
+            try:
+                tol = _non_negative(f"the tolerance of invariant axis {name}", float(tol) if isinstance(tol, str) else tol)
+            except ValueError:
+                raise ConfigError(f"the tolerance of invariant axis {name} must be a number >= 0, got {tol!r}") from None
+        axes[name] = tol
+    return tuple(axes.items())
+
+
 def _check_tolerances(v):
     """``{"val_loss": {"rtol": 1e-3, "atol": 0, "allow_failing": 2}}``: per metric (or "loss"), used when a
     baseline comes from another environment."""
@@ -171,6 +208,18 @@ def _check_text(name: str, optional: bool = True, empty: bool = False):
         return v
 
     return check
+
+
+def _check_targets(v):
+    """``--mlrepro-target``: repeated, comma-separated, or both; a tuple of target texts."""
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, (list, tuple)) or not all(isinstance(t, str) for t in v):
+        raise ConfigError(f"target must be target texts ('prog.py', 'file.py:fn', 'module:fn'), got {v!r}")
+    targets = tuple(t.strip() for text in v for t in text.split(",") if t.strip())
+    if v and not targets:
+        raise ConfigError(f"target must name at least one target, got {v!r}")
+    return targets
 
 
 def _check_tags(v):
@@ -244,6 +293,7 @@ class Option:
     audit: bool = True
     switch: bool = False  # given on a command line without a value (``--mlrepro-update``)
     cli: bool = True  # also an argument of the ``mlrepro audit`` command (not the pytest-only baseline options)
+    repeat: bool = False  # may be given more than once on pytest's command line (the values add up)
 
     @property
     def text(self) -> bool:
@@ -260,7 +310,9 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("seed", 0, "seed every replica is given", _check_seed, _text_int),
     Option("device", "auto", "device replicas train on", lambda v: _one_of("device", v, DEVICES), _text_choice, DEVICES),
-    Option("isolation", "process", "run each replica in a fresh interpreter, or in this process",
+    Option("isolation", "process", "run each replica in a fresh interpreter (process), forked from a warm one that "
+           "imported torch once (forkserver: faster; a program that sets OMP_NUM_THREADS & co. itself is refused), "
+           "or in this process (inprocess)",
            lambda v: _one_of("isolation", v, ISOLATION_MODES), _text_choice, ISOLATION_MODES),
     Option("timeout", None, "seconds a replica may run before its process tree is killed (none: no limit)",
            _check_timeout, _text_optional_float),
@@ -268,8 +320,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("parallel", "auto", "replicas (and replays) run at once in process isolation: auto (the cores, shared "
            "among xdist workers, divided by the training's threads; one at a time on a GPU) or N",
            _check_parallel, _text_parallel),
-    Option("trace_every", 1, "fingerprint the weights after every k-th optimizer step (a dense re-trace still finds "
-           "the exact step)", _check_trace_every, _text_int),
+    Option("nproc", 1, "ranks per replica: N > 1 runs the target as a torch.distributed program, N processes with "
+           "torchrun's environment (gloo on CPU, NCCL on GPU), traced per rank", _check_nproc, _text_int),
+    Option("trace_every", 1, "fingerprint the weights after every k-th optimizer step, or auto: every step while "
+           "timing the first ones, then the interval keeping the trace within 2 % of the step time (a dense re-trace "
+           "still finds the exact step)", _check_trace_every, _text_parallel),
     Option("deterministic", True, "apply torch's deterministic settings (use_deterministic_algorithms warn_only, "
            "cuDNN flags, cuBLAS workspace)", _check_bool("deterministic"), _text_bool),
     Option("seeding", None, "who seeds: harness (every global generator seeded alike) or program (the program "
@@ -289,6 +344,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("tolerances", None, "per-metric tolerances for baselines from another environment, JSON: "
            '{"val_loss": {"rtol": 1e-3, "atol": 0, "allow_failing": 0}} ("loss" is the traced per-step loss)',
            _check_tolerances, _text_json, cli=False),
+    Option("invariant", (), "invariance matrix (opt-in): one extra replica per axis (threads, hashseed, listing-order, "
+           "clock), each compared with replica 0 and reported as a finding, unchanged or changed at step k; an axis "
+           "may carry an absolute tolerance (threads=1e-6)", _check_invariant, _split_tags),
     Option("report", None, "write the JSON report to this path (plots beside it)", _check_text("report"), _text_str,
            audit=False),
     Option("wandb", "offline", "publish audits to Weights & Biases", lambda v: _one_of("wandb", v, WANDB_MODES),
@@ -313,6 +371,9 @@ OPTIONS: tuple[Option, ...] = (
            audit=False, cli=False),
     Option("prune", False, "remove the baselines no test uses any more (they are listed either way)",
            _check_bool("prune"), _text_bool, audit=False, switch=True, cli=False),
+    Option("target", (), "audit these targets without a test file: one test item per check of each (mlrepro::"
+           "<target>::reproducible, ...); repeat the option or separate targets by commas", _check_targets,
+           _text_str, audit=False, cli=False, repeat=True),
 )
 
 BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
@@ -340,7 +401,8 @@ class AuditConfig:
     timeout: Optional[float] = None
     runs: int = 2
     parallel: Any = "auto"
-    trace_every: int = 1
+    nproc: int = 1
+    trace_every: Any = 1  # k >= 1, or "auto"
     deterministic: bool = True
     seeding: Optional[str] = None
     mode: str = "bitwise"
@@ -352,6 +414,7 @@ class AuditConfig:
     kwargs: dict = field(default_factory=dict, hash=False)
     checkpoint: Any = None
     tolerances: Optional[dict] = field(default=None, hash=False)
+    invariant: tuple = ()  # ((axis, tolerance or None), ...)
 
     def validate(self) -> "AuditConfig":
         """Check every value and their combinations; return the normalised config (raise ConfigError)."""
@@ -359,6 +422,9 @@ class AuditConfig:
         if values["checkpoint"] is not None and values["cwd"] == "rootdir":
             raise ConfigError("checkpoint checks need cwd='replica': with cwd='rootdir' every replica writes the "
                               "same checkpoint file, so their best checkpoints cannot be compared")
+        if values["nproc"] > 1 and values["isolation"] not in PROCESS_ISOLATIONS:
+            raise ConfigError(f"nproc={values['nproc']} needs isolation='process' (or 'forkserver'): every rank is a "
+                              "process of its own")
         return dataclasses.replace(self, **values)
 
     def merged(self, overrides: Mapping[str, Any], *, what: str = "audit option") -> "AuditConfig":
@@ -396,6 +462,7 @@ class SessionConfig:
     update_all: bool = False
     base: Optional[str] = None
     prune: bool = False
+    target: tuple = ()
 
     @property
     def baseline_mode(self) -> Optional[str]:

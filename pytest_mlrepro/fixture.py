@@ -9,7 +9,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .config import AuditConfig
+from .config import PROCESS_ISOLATIONS, AuditConfig
 
 CALL_KEYWORDS = ("workdir", "rootdir", "localize_divergence", "diagnose")  # audit() arguments that are no options
 
@@ -46,7 +46,8 @@ class MlreproHandle:
 
             from .errors import MlreproError
 
-            config = dataclasses.replace(config, isolation="process", runs=AuditConfig.runs)
+            isolation = config.isolation if config.isolation in PROCESS_ISOLATIONS else "process"
+            config = dataclasses.replace(config, isolation=isolation, runs=AuditConfig.runs)
             try:
                 result = compare_commits(target, self.base, config, rootdir=call["rootdir"],
                                          **({"localize_divergence": call["localize_divergence"]}

@@ -246,10 +246,13 @@ def kill_live_trees() -> None:
 
 _depth = 0
 _previous: dict[int, object] = {}
+interrupted_by: Optional[int] = None  # the signal that made us kill the live trees (replicas then die of SIGKILL)
 
 
 def _on_signal(signum, frame):
     # a second signal interrupts the clean-up the first one started, as a second Ctrl-C does in pytest
+    global interrupted_by
+    interrupted_by = signum
     kill_live_trees()
     raise Interrupted(signum)
 
@@ -263,11 +266,12 @@ def interrupt_on_signals() -> Iterator[None]:
     replica on the way out anyway). Re-entrant: the outermost use installs, and restores the previous
     handlers at its end. Outside the main thread it does nothing (Python runs handlers there only);
     replicas then still die with their parent through their own watchdog."""
-    global _depth
+    global _depth, interrupted_by
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     if _depth == 0:
+        interrupted_by = None
         for signum in HANDLED_SIGNALS:
             try:
                 current = signal.getsignal(signum)

@@ -33,8 +33,10 @@ class ReplicaSpec:
     replay_step: Optional[int] = None
     entropy: int = 0
     cwd: Optional[str] = None  # working directory of the replica; None: its private workdir
-    trace_every: int = 1  # record the trace after every k-th optimizer step (1 for a dense re-trace)
+    trace_every: Any = 1  # record the trace after every k-th optimizer step, or "auto" (1 for a dense re-trace)
     stop_after: Optional[int] = None  # a dense re-trace: end the program after this step
+    controls: frozenset = frozenset()  # a diagnosis rerun: sources made identical from outside (controls.py)
+    perturb: frozenset = frozenset()  # an invariance replica: the axis changed in it (controls.PERTURBATIONS)
 
     @property
     def seed(self) -> int:
@@ -147,10 +149,13 @@ def run_replica(spec: ReplicaSpec, out_dir: Path, *, in_process: bool = False) -
 def _run(spec: ReplicaSpec, out_dir: Path) -> bool:
     import torch
 
-    from . import environment, seeding
+    from . import controls, environment, seeding
     from .compare import flatten_state
     from .context import ReplicaContext
+    from .observe import META_KEY as OBSERVED_KEY
+    from .observe.probe import CallbackProbe
     from .probes import DataLoaderProbe, NondeterministicOpProbe, SeedProbe
+    from .progress import StepsWriter
     from .targets import load_function, wants_ctx
     from .trace import ReplayDone, Tracer
 
@@ -159,14 +164,17 @@ def _run(spec: ReplicaSpec, out_dir: Path) -> bool:
     else:
         seeding.scramble_globals(spec.entropy)
     seeding.apply_deterministic_settings(spec.deterministic)
+    undo_controls = controls.apply(spec.controls, spec.seed, spec.perturb)  # before the program, after the seeding
     ctx = ReplicaContext(seed=spec.seed, device=spec.device, workdir=Path(spec.workdir), replica=spec.index)
     seeds, loaders, ops = SeedProbe(), DataLoaderProbe(), NondeterministicOpProbe()
+    callbacks = CallbackProbe()  # framework checkpoint / early-stopping callbacks, observed (observe/)
     tracer = Tracer(replay_step=spec.replay_step, every=spec.trace_every, stop_after=spec.stop_after)
     returned: Any = None
     error: Optional[dict] = None
     start = time.perf_counter()
-    for probe in (seeds, loaders, ops, tracer):
+    for probe in (seeds, loaders, ops, tracer, callbacks):
         probe.install()
+    steps_so_far = StepsWriter(out_dir, lambda: tracer.steps).start()  # the parent's progress lines read it
     try:
         try:
             if spec.target.kind == "script":
@@ -189,16 +197,19 @@ def _run(spec: ReplicaSpec, out_dir: Path) -> bool:
             raise
         error = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
     finally:
-        for probe in (tracer, ops, loaders, seeds):
+        steps_so_far.stop()
+        for probe in (callbacks, tracer, ops, loaders, seeds):
             probe.uninstall()
+        undo_controls()
     wall = time.perf_counter() - start
     if error is None and spec.replay_step is None and spec.stop_after is None:
         try:
             if returned is None:
                 if tracer.steps == 0:
                     raise ValueError(
-                        f"target {spec.target.display} returned nothing and no optimizer step was observed: "
-                        "return an nn.Module, a state dict or a dict of tensors, or train with a torch.optim optimizer"
+                        f"target {spec.target.display} returned nothing and no training step was observed (no "
+                        "optimizer stepped and no module's parameters changed between its forward calls): "
+                        "return an nn.Module, a state dict or a dict of tensors"
                     )
                 weights = tracer.final_state()
                 compared = "final_state"
@@ -234,6 +245,7 @@ def _run(spec: ReplicaSpec, out_dir: Path) -> bool:
         "metrics": ctx.metrics,
         "metric_problems": ctx.metric_problems,  # values ctx.log could not keep (the audit's training.metrics finding)
         "metric_problem_count": ctx.metric_problem_count,
+        OBSERVED_KEY: callbacks.to_dict(),  # the audit's framework.* findings
         "environment": environment.collect(spec.device),
     }
     _write_json(out_dir / "meta.json", meta)
@@ -273,10 +285,16 @@ def _storable_tensor(t: Any) -> Any:
     return t
 
 
+AS_PROCESS = False  # True in a replica process (a new interpreter or a fork server's child), once main() runs
+
+
 def main(argv: list[str] | None = None) -> int:
     import faulthandler
 
     from .process_tree import guard_replica
+
+    global AS_PROCESS
+    AS_PROCESS = True
 
     # die with the parent (taking the tree along) and kill what the target leaves running at the end
     guard_replica()
@@ -286,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     spec_path, out_dir = Path(argv[0]), Path(argv[1])
     with open(spec_path, "rb") as f:
         spec: ReplicaSpec = pickle.load(f)
+    if spec.config.nproc > 1:  # a DDP replica: this process starts its ranks, each runs run_replica
+        from .distributed_rank import launch_replica
+
+        return launch_replica(spec, out_dir)
     try:
         ok = run_replica(spec, out_dir)
     except BaseException:

@@ -22,6 +22,9 @@ CAUSE_KINDS = (
     "hash_seed",  # the divergence goes away when PYTHONHASHSEED is pinned
     "nondeterministic_kernel",  # a module's output differs although its inputs matched, no RNG involved
     "thread_count",  # replicas ran with different intra-op thread counts
+    "clock",  # the program reads the clock (time.time, datetime.now) into what it computes
+    "os_entropy",  # the program reads OS entropy (uuid.uuid4, os.urandom) into what it computes
+    "listing_order",  # the program depends on the order os.listdir / os.scandir / glob return
     "unknown",
 )
 
@@ -53,19 +56,27 @@ class Divergence:
     step: Optional[int]
     tensor: Optional[str]
     tensors: list = field(default_factory=list)
-    phase: Optional[str] = None  # input | forward | backward | optimizer | final (no trace) | None
+    phase: Optional[str] = None  # init | input | forward | backward | optimizer | buffer | structure | final (no trace) | None
     module: Optional[str] = None
     module_type: Optional[str] = None
     inputs_matched: Optional[bool] = None
     message: str = ""
     evidence: dict = field(default_factory=dict)
+    rank: Optional[int] = None  # DDP audits (nproc > 1): the rank where it starts; None: one process, or not told apart
 
 
 @dataclass
 class Cause:
+    """The cause of a divergence. ``confirmed``: a diagnosis rerun with ``control`` (a name from
+    controls.CONTROLS) applied made the replicas agree; otherwise the kind is the best hint from the
+    recorded evidence. ``reruns``: each rerun as {controls, agreed, label, error}."""
+
     kind: str
     detail: str
     evidence: dict = field(default_factory=dict)
+    confirmed: bool = False
+    control: Optional[str] = None
+    reruns: list = field(default_factory=list)
 
 
 @dataclass
@@ -94,6 +105,7 @@ class ReplicaSummary:
     metrics: list = field(default_factory=list)  # [{"step": int, "epoch": int|None, "<name>": value, ...}]
     losses: list = field(default_factory=list)  # loss per optimizer step when visible (None where not)
     environment: dict = field(default_factory=dict)
+    trace_every: Optional[int] = None  # the trace's recording interval (trace_every="auto": the one it chose)
 
 
 @dataclass
@@ -128,6 +140,7 @@ class AuditResult:
     kind: str = "audit"  # audit (replicas compared) | checks (findings of checkpoint/early-stopping checks only)
     test: Optional[str] = None  # the pytest node id that produced it, when run under pytest
     parallel: int = 1  # replicas that ran at once
+    nproc: int = 1  # ranks per replica (a DDP audit: > 1; ``first_divergence.rank`` names one)
     final_fingerprints: Optional[dict] = None  # tensor name -> strong fingerprint (hex) of replica 0's final state
     # replica 0's per-step fingerprints (param_names, opt_indices, entries, fp): what a baseline keeps;
     # not part of the JSON report (it can be long), so it does not travel to the xdist controller

@@ -16,12 +16,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from . import process_tree
 from .errors import ReplicaError
 from .replica import ReplicaSpec, run_replica
 from .seeding import child_environment
+
+if TYPE_CHECKING:
+    from .tracing.record import TraceRecord
 
 
 
@@ -33,10 +36,13 @@ class ReplicaOutput:
     def meta(self) -> dict:
         return json.loads((self.out_dir / "meta.json").read_text())
 
-    def trace(self) -> dict:
+    def trace(self) -> TraceRecord:
+        """The replica's trace as a typed record (``trace.pt`` holds plain data: ``weights_only=True``)."""
         import torch
 
-        return torch.load(self.out_dir / "trace.pt", weights_only=True)
+        from .tracing.record import TraceRecord
+
+        return TraceRecord.from_plain(torch.load(self.out_dir / "trace.pt", weights_only=True))
 
     @property
     def weights_path(self) -> Path:
@@ -50,12 +56,36 @@ class ReplicaOutput:
         return torch.load(self.weights_path, weights_only=True, mmap=mmap)
 
 
-def _kill_tree(proc: subprocess.Popen, token: Optional[str], release) -> None:
+class _Exec:
+    """A replica in a new interpreter (``isolation="process"``), as the runner waits for and reaps it."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.pid = proc, proc.pid
+
+    def wait_exited(self, timeout: Optional[float]) -> None:
+        _wait_exited(self.proc, timeout)
+
+    def reap(self, timeout: Optional[float] = None) -> int:
+        return self.proc.wait(timeout=timeout)
+
+
+def _fork(spec_path: Path, out_dir: Path, env: dict, *, cwd: str):
+    """A replica forked from the warm server for this environment (``isolation="forkserver"``)."""
+    from . import forkserver
+
+    try:
+        return forkserver.server_for(env).fork(argv=[str(spec_path), str(out_dir)], env=env, cwd=cwd,
+                                               stdout=str(out_dir / "stdout.txt"), stderr=str(out_dir / "stderr.txt"))
+    except forkserver.ForkServerError as exc:
+        raise ReplicaError(f"isolation='forkserver': {exc}", kind="harness") from None
+
+
+def _kill_tree(proc, token: Optional[str], release) -> None:
     """Kill the replica with its whole tree (descendants, token holders, its group and session), then reap it."""
     process_tree.kill_tree(proc.pid, token)
     release()
     try:
-        proc.wait(timeout=10)
+        proc.reap(timeout=10)
     except subprocess.TimeoutExpired:
         pass
 
@@ -92,6 +122,10 @@ def run(spec: ReplicaSpec, out_dir: Path, *, isolation: str, timeout: Optional[f
             f"replica {spec.index} of {spec.target.display} failed without a report",
             replica=spec.index, traceback=_tail(out_dir / "stderr.txt"),
         )
+    if spec.config.nproc > 1:
+        from .distributed import DistributedOutput
+
+        return DistributedOutput.of(spec.index, out_dir, spec.config.nproc)
     return ReplicaOutput(spec.index, out_dir)
 
 
@@ -130,6 +164,10 @@ def _wait_exited(proc: subprocess.Popen, timeout: Optional[float]) -> None:
 
 def _signal_error(spec: ReplicaSpec, out_dir: Path, signum: int) -> ReplicaError:
     name = process_tree.signal_name(signum)
+    if name == "SIGKILL" and process_tree.interrupted_by is not None:
+        return ReplicaError(f"replica {spec.index} of {spec.target.display} was stopped with its process tree: the audit "
+                            f"was interrupted by {process_tree.signal_name(process_tree.interrupted_by)}",
+                            replica=spec.index, traceback=_tail(out_dir / "stderr.txt"), kind="interrupted")
     if name == "SIGKILL":
         hint = ("no timeout fired, so the kernel's OOM killer is the likely sender (the machine ran out of memory: "
                 "look for 'Out of memory' in `dmesg` or `journalctl -k`), unless someone killed it by hand")
@@ -139,6 +177,14 @@ def _signal_error(spec: ReplicaSpec, out_dir: Path, signum: int) -> ReplicaError
         hint += "; it had already written its results (it died while shutting down)"
     return ReplicaError(f"replica {spec.index} of {spec.target.display} was killed by signal {name} ({signum}): {hint}",
                         replica=spec.index, traceback=_tail(out_dir / "stderr.txt"), kind="signal")
+
+
+def _ranks_at_timeout(spec: ReplicaSpec, out_dir: Path) -> str:
+    if spec.config.nproc <= 1:
+        return ""
+    from .distributed import hang_detail
+
+    return hang_detail(out_dir, spec.config.nproc)
 
 
 def _run_subprocess(spec: ReplicaSpec, out_dir: Path, timeout: Optional[float], hash_seed: Optional[str]) -> bool:
@@ -155,16 +201,19 @@ def _run_subprocess(spec: ReplicaSpec, out_dir: Path, timeout: Optional[float], 
     env[process_tree.PARENT_ENV] = str(os.getpid())  # the replica dies (with its tree) when we do
     cmd = [sys.executable, "-m", "pytest_mlrepro.replica", str(spec_path), str(out_dir)]
     with open(out_dir / "stdout.txt", "wb") as out, open(out_dir / "stderr.txt", "wb") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
-                                cwd=spec.cwd or spec.workdir, start_new_session=True)
+        if spec.config.isolation == "forkserver":
+            proc = _fork(spec_path, out_dir, env, cwd=spec.cwd or spec.workdir)
+        else:
+            proc = _Exec(subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
+                                          cwd=spec.cwd or spec.workdir, start_new_session=True))
         with process_tree.tracked(proc.pid, token) as release:
             try:
-                _wait_exited(proc, timeout)
+                proc.wait_exited(timeout)
             except subprocess.TimeoutExpired:
                 _kill_tree(proc, token, release)
                 raise ReplicaError(
                     f"replica {spec.index} of {spec.target.display} hung past the timeout of {timeout:g}s and was killed "
-                    "(with its process tree)", replica=spec.index, traceback=_tail(out_dir / "stderr.txt"), kind="timeout",
+                    "(with its process tree)" + _ranks_at_timeout(spec, out_dir), replica=spec.index, traceback=_tail(out_dir / "stderr.txt"), kind="timeout",
                 ) from None
             except BaseException:
                 _kill_tree(proc, token, release)
@@ -173,7 +222,7 @@ def _run_subprocess(spec: ReplicaSpec, out_dir: Path, timeout: Optional[float], 
             # that double-forked away) goes too, swept before the replica is reaped
             process_tree.kill_tree(proc.pid, token)
             release()
-            code = proc.wait()
+            code = proc.reap()
     if code < 0 and not (out_dir / "error.json").exists():
         raise _signal_error(spec, out_dir, -code)
     if code != 0 and not (out_dir / "error.json").exists():

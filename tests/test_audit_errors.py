@@ -11,6 +11,7 @@ from pytest_mlrepro import TargetError, audit
 
 TARGETS = Path(__file__).resolve().parent / "targets"
 TINY = str(TARGETS / "tiny.py")
+FAST = {"isolation": "forkserver"}  # replicas forked from a warm interpreter: torch imported once per worker
 
 
 @pytest.mark.parametrize("target, message", [
@@ -58,7 +59,7 @@ def test_bad_arguments_raise_value_errors(kwargs, message, tmp_path):
 
 
 def test_a_raising_target_shows_the_replicas_traceback(tmp_path):
-    result = audit(f"{TINY}:raises", workdir=tmp_path)
+    result = audit(f"{TINY}:raises", workdir=tmp_path, **FAST)
     assert result.verdict == "error"
     assert "RuntimeError: the training blew up on purpose" in result.error.traceback
     assert "tiny.py" in result.error.traceback and "tiny.py:raises" in result.error.message
@@ -67,26 +68,26 @@ def test_a_raising_target_shows_the_replicas_traceback(tmp_path):
 
 
 def test_a_script_exiting_non_zero_is_a_failure_naming_the_status(tmp_path):
-    result = audit(str(TARGETS / "exits.py"), workdir=tmp_path)
+    result = audit(str(TARGETS / "exits.py"), workdir=tmp_path, **FAST)
     assert result.verdict == "error"
     assert "exited with status 3" in result.error.message
 
 
 def test_nothing_comparable_is_refused(tmp_path):
-    result = audit(f"{TINY}:returns_nothing_comparable", workdir=tmp_path)
+    result = audit(f"{TINY}:returns_nothing_comparable", workdir=tmp_path, **FAST)
     assert result.verdict == "error"
     assert "returned int" in result.error.message
 
 
 def test_returning_nothing_compares_the_trained_model(tmp_path):
-    result = audit(f"{TINY}:returns_nothing", workdir=tmp_path)
+    result = audit(f"{TINY}:returns_nothing", workdir=tmp_path, **FAST)
     assert result.deterministic, result.explain()
     assert [t.name for t in result.tensors] == ["0.weight", "0.bias", "2.weight", "2.bias"]
 
 
 def test_a_state_dict_and_a_module_compare_the_same_tensors(tmp_path):
-    a = audit(f"{TINY}:returns_state_dict", workdir=tmp_path / "a")
-    b = audit(f"{TINY}:train", workdir=tmp_path / "b")
+    a = audit(f"{TINY}:returns_state_dict", workdir=tmp_path / "a", **FAST)
+    b = audit(f"{TINY}:train", workdir=tmp_path / "b", **FAST)
     assert a.deterministic and b.deterministic
     assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
 
@@ -152,7 +153,7 @@ def test_result_round_trips_through_json(tmp_path):
     assert back.to_dict() == d
 
 
-@pytest.mark.parametrize("isolation", ["process", "inprocess"])
+@pytest.mark.parametrize("isolation", ["process", "forkserver", "inprocess"])
 def test_cwd_is_the_private_workdir_by_default_and_rootdir_on_request(tmp_path, isolation):
 
     project = tmp_path / "project"

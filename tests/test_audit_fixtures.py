@@ -10,6 +10,9 @@ from pathlib import Path
 from pytest_mlrepro import audit
 
 ROOT = Path(__file__).resolve().parent.parent
+# replicas forked from a warm interpreter (torch imported once per worker, not twice per audit); the
+# same catalog runs in fresh interpreters through the CLI in test_examples_run.py
+FAST = {"isolation": "forkserver"}
 ENTRIES = json.loads((ROOT / "fixtures" / "catalog.json").read_text())
 
 
@@ -23,7 +26,7 @@ def _params():
 def test_fixture_verdict_step_and_cause(entry, tmp_path):
     device = "cuda" if entry.get("requires") == "cuda" else "cpu"
     result = audit(entry["target"], args=entry["args"], device=device, workdir=tmp_path, rootdir=ROOT, timeout=240,
-                   checkpoint=entry.get("checkpoint"))
+                   checkpoint=entry.get("checkpoint"), **FAST)
     _assert_as_catalogued(entry, result)
 
 
@@ -32,7 +35,7 @@ def test_parallel_replicas_give_the_catalogued_verdicts(name, tmp_path):
     """Replicas, replays and the hash-seed experiment run two at a time: same verdict, step, cause."""
     entry = next(e for e in ENTRIES if e["name"] == name)
     result = audit(entry["target"], args=entry["args"], device="cpu", workdir=tmp_path, rootdir=ROOT, timeout=240,
-                   parallel=2)
+                   parallel=2, **FAST)
     assert result.parallel == 2
     _assert_as_catalogued(entry, result)
 
@@ -59,6 +62,8 @@ def _assert_as_catalogued(entry, result):
     if entry.get("module") is not None:
         assert div.module == entry["module"], result.explain()
     assert result.cause is not None and result.cause.kind == entry["cause"], result.explain()
+    # confirmed by the rerun with the catalogued control; none for a kernel no control makes agree
+    assert (result.cause.control, result.cause.confirmed) == (entry["control"], entry["control"] is not None), result.explain()
     # the explanation a user reads names the step, a tensor and (when localized) the module
     text = result.explain()
     assert f"step {div.step}" in text and (div.module is None or div.module in text)
@@ -75,18 +80,18 @@ def test_catalog_covers_the_required_cases():
 
 
 def test_the_warn_only_pass_inventories_flagged_ops_with_their_call_site(tmp_path):
-    result = audit("fixtures/nondeterministic_cpu_kernel.py:train", device="cpu", workdir=tmp_path, rootdir=ROOT)
+    result = audit("fixtures/nondeterministic_cpu_kernel.py:train", device="cpu", workdir=tmp_path, rootdir=ROOT, **FAST)
     ops = {op.op: op for op in result.nondeterministic_ops}
     assert list(ops) == ["ChunkedMix.forward (reduction order varies per call)"], ops
     op = ops["ChunkedMix.forward (reduction order varies per call)"]
     assert op.call_site.startswith(str(ROOT / "fixtures" / "nondeterministic_cpu_kernel.py") + ":") and op.count >= 1
     assert "torch flagged: ChunkedMix.forward" in result.cause.detail
-    clean = audit("fixtures/mlp_dropout.py:train", device="cpu", workdir=tmp_path / "clean", rootdir=ROOT)
+    clean = audit("fixtures/mlp_dropout.py:train", device="cpu", workdir=tmp_path / "clean", rootdir=ROOT, **FAST)
     assert clean.nondeterministic_ops == []
 
 
 def test_a_thinned_trace_still_finds_the_exact_first_step(tmp_path):
-    result = audit("fixtures/late_divergence.py:train", device="cpu", workdir=tmp_path, rootdir=ROOT, trace_every=5)
+    result = audit("fixtures/late_divergence.py:train", device="cpu", workdir=tmp_path, rootdir=ROOT, trace_every=5, **FAST)
     div = result.first_divergence
     assert (div.step, div.phase, div.module) == (7, "input", "0"), result.explain()
     assert (tmp_path / "dense-0").is_dir(), "the exact step came from a dense re-trace"

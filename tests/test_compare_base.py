@@ -70,9 +70,11 @@ class Sandbox:
 
     def cli(self, *args: str) -> tuple[int, str, str]:
         """``mlrepro ARGS``; a comparison runs without torch's deterministic settings (they cost each replica a
-        torch._inductor import, and these CPU trainings are deterministic without them)."""
+        torch._inductor import, and these CPU trainings are deterministic without them), its sides forked from
+        warm interpreters (torch imported once per worker, not once per side)."""
         self.capsys.readouterr()
-        args = ("compare", "--deterministic", "false", *args[1:]) if args and args[0] == "compare" else args
+        if args and args[0] == "compare":
+            args = ("compare", "--deterministic", "false", "--isolation", "forkserver", *args[1:])
         rc = cli.main(list(args))
         out, err = self.capsys.readouterr()
         return rc, out, err
@@ -142,7 +144,7 @@ def test_a_change_from_step_3_is_named_in_the_text_and_the_json(box):
 
 def test_the_same_commit_agrees_with_the_same_entropy_and_hash_seed_on_both_sides(box):
     rc, out, err = box.cli("compare", "--base", "HEAD", "scripts/unseeded.py", "--deterministic", "false", "--cwd", "rootdir",
-                           "--args", "4")
+                           "--", "4")
     assert rc == 0, (out, err)
     assert "HEAD matches HEAD: 2 tensors bitwise-equal, every one of 4 optimizer steps identical" in out
     assert "is clean" in out
@@ -250,7 +252,8 @@ def test_pytest_mlrepro_base_turns_each_audit_into_a_comparison_of_commits(box):
 
     def pytest_run(ref: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "pytest", "--mlrepro", f"--mlrepro-base={ref}", "-p", "no:cacheprovider",
-                               "-o", "mlrepro_wandb=disabled", "-o", "mlrepro_deterministic=false", "test_gate.py"], cwd=box.repo, env=env,
+                               "-o", "mlrepro_wandb=disabled", "-o", "mlrepro_deterministic=false",
+                               "-o", "mlrepro_isolation=forkserver", "test_gate.py"], cwd=box.repo, env=env,
                               capture_output=True, text=True, timeout=300)
 
     differs = pytest_run("HEAD~1")

@@ -30,7 +30,7 @@ BAD_TEXT = [
     ("parallel", "0", "parallel must be auto or a whole number >= 1, got 0"),
     ("parallel", "many", "expected a whole number, got 'many'"),
     ("device", "tpu", "device must be one of auto, cpu, cuda; got 'tpu'"),
-    ("isolation", "thread", "isolation must be one of process, inprocess; got 'thread'"),
+    ("isolation", "thread", "isolation must be one of process, forkserver, inprocess; got 'thread'"),
     ("timeout", "0", "timeout must be a number of seconds > 0, or none for no limit; got 0.0"),
     ("timeout", "-3", "timeout must be a number of seconds > 0, or none for no limit; got -3.0"),
     ("timeout", "inf", "timeout must be a number of seconds > 0, or none for no limit; got inf"),
