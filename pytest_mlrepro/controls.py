@@ -306,12 +306,20 @@ assert set(_APPLY) == set(BY_NAME)
 CLOCK_SHIFT_S = 400 * 86400 + 12345.678  # the perturbed clock runs this far ahead
 
 
+def _other_thread_count(n: int) -> int:
+    return 2 if n <= 1 else n - 1
+
+
 def _more_threads(undo: _Undo) -> None:
+    """Another intra-op thread count than replica 0 runs with, including when the program sets its own
+    (``torch.set_num_threads(n)`` gets another n): else such a program would defeat the axis."""
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(2 if before == 1 else 1)
-    undo.call(lambda: torch.set_num_threads(before))
+    original = torch.set_num_threads
+    original(_other_thread_count(before))
+    undo.call(lambda: original(before))
+    undo.set(torch, "set_num_threads", lambda n: original(_other_thread_count(int(n))))
 
 
 def _reversed_listing(undo: _Undo) -> None:

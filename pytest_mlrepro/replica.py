@@ -172,8 +172,16 @@ def _run(spec: ReplicaSpec, out_dir: Path) -> bool:
     returned: Any = None
     error: Optional[dict] = None
     start = time.perf_counter()
-    for probe in (seeds, loaders, ops, tracer, callbacks):
-        probe.install()
+    installed: list = []
+    try:  # a probe that cannot install is the harness's failure: undo what is in place (in-process too)
+        for probe in (seeds, loaders, ops, tracer, callbacks):
+            probe.install()
+            installed.append(probe)
+    except BaseException:
+        for probe in reversed(installed):
+            probe.uninstall()
+        undo_controls()
+        raise
     steps_so_far = StepsWriter(out_dir, lambda: tracer.steps).start()  # the parent's progress lines read it
     try:
         try:

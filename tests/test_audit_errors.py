@@ -176,3 +176,22 @@ def test_a_relative_workdir_works(tmp_path, monkeypatch):
     result = audit(f"{TINY}:train", workdir="rel/audit")
     assert result.error is None and result.deterministic, result.explain()
     assert (tmp_path / "rel" / "audit" / "replica-0" / "out" / "weights.pt").is_file()
+
+
+def test_a_probe_that_cannot_install_leaves_nothing_patched_in_process(tmp_path, monkeypatch):
+    """The probes installed before it and the controls are undone (in-process they would outlive the audit)."""
+    import random
+
+    import torch
+
+    from pytest_mlrepro.observe.probe import CallbackProbe
+
+    generator, seed = torch.Generator, random.seed
+
+    def broken(self):
+        raise RuntimeError("cannot install")
+
+    monkeypatch.setattr(CallbackProbe, "install", broken)
+    with pytest.raises(RuntimeError, match="cannot install"):
+        audit(f"{TINY}:train", workdir=tmp_path, isolation="inprocess")
+    assert torch.Generator is generator and random.seed is seed  # the seed probe's patches are gone

@@ -76,3 +76,22 @@ def test_the_perturbations_change_their_axis_and_undo(tmp_path):
         undo()
     assert os.listdir(tmp_path) == natural and time.time() - before < 3600
     assert set(controls.PERTURBATIONS) == set(INVARIANT_AXES)
+
+
+def test_the_threads_axis_is_not_defeated_by_a_program_that_sets_its_own_count():
+    import torch
+
+    from pytest_mlrepro import controls
+
+    before = torch.get_num_threads()
+    undo = controls.apply(frozenset(), 0, frozenset({"threads"}))
+    try:
+        assert torch.get_num_threads() != before
+        torch.set_num_threads(3)  # what the program asks for: it gets another count than replica 0 got
+        assert torch.get_num_threads() == 2
+    finally:
+        undo()
+    assert torch.get_num_threads() == before and torch.set_num_threads(before) is None
+    torch.set_num_threads(3)
+    assert torch.get_num_threads() == 3  # the real one is back
+    torch.set_num_threads(before)
