@@ -1,8 +1,9 @@
 """What naming a cause costs: the controlled reruns of a broken fixture, one pair at a time or in parallel.
 
-For each fixture: one audit with ``diagnose=False`` (replicas, comparison, localization only), then with
-diagnosis at ``parallel=1`` and ``parallel=2`` (rerun pairs at once, as the cores allow). Prints the
-reruns run, the cause, whether a rerun confirmed it, and wall times (diagnosis = with - without).
+For each fixture and ``parallel`` in 1, 2 (replicas and rerun pairs one at a time, or two replicas at
+once): an audit with ``diagnose=False`` (replicas, comparison, localization only), then one with the
+diagnosis. Prints the reruns run, the cause, whether a rerun confirmed it, and wall times (diagnosis =
+with - without, at the same parallel).
 Prints figures only; timings depend on the machine and its load.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_diagnosis.py [--fixtures time_seed,unseeded_augmentation]
@@ -34,20 +35,19 @@ def main() -> None:
     print(f"isolation={args.isolation} | cpus {os.cpu_count()} | load avg {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     for name in args.fixtures.split(","):
         entry = catalog[name]
-        rows = []
-        for label, kw in (("no diagnosis", {"diagnose": False, "parallel": 1}),
-                          ("diagnosis, parallel=1", {"parallel": 1}), ("diagnosis, parallel=2", {"parallel": 2})):
-            start = time.perf_counter()
-            r = audit(entry["target"], args=entry["args"], device="cpu", rootdir=ROOT, isolation=args.isolation, **kw)
-            rows.append((label, time.perf_counter() - start, r))
-        base = rows[0][1]
         print(f"== {name} (expected cause {entry['cause']}, control {entry['control']})")
-        for label, wall, r in rows:
+        for parallel in (1, 2):
+            walls = {}
+            for diagnose in (False, True):
+                start = time.perf_counter()
+                r = audit(entry["target"], args=entry["args"], device="cpu", rootdir=ROOT, isolation=args.isolation,
+                          parallel=parallel, diagnose=diagnose)
+                walls[diagnose] = time.perf_counter() - start
             cause = r.cause
-            reruns = len(cause.reruns) if cause is not None else 0
             said = f"{cause.kind}, control {cause.control}, confirmed {cause.confirmed}" if cause is not None else "-"
-            extra = f", diagnosis {wall - base:+.1f} s" if label != "no diagnosis" else ""
-            print(f"  {label:24s} wall {wall:6.1f} s{extra}; rerun pairs {reruns}; cause: {said}")
+            print(f"  parallel={parallel}: wall {walls[False]:5.1f} s without diagnosis, {walls[True]:5.1f} s with it "
+                  f"(diagnosis {walls[True] - walls[False]:+.1f} s); rerun pairs {len(cause.reruns) if cause else 0}; "
+                  f"cause: {said}")
     print(f"load avg at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
