@@ -311,7 +311,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("seed", 0, "seed every replica is given", _check_seed, _text_int),
     Option("device", "auto", "device replicas train on", lambda v: _one_of("device", v, DEVICES), _text_choice, DEVICES),
     Option("isolation", "process", "run each replica in a fresh interpreter (process), forked from a warm one that "
-           "imported torch once (forkserver: faster; a program that sets OMP_NUM_THREADS & co. itself is refused), "
+           "imported torch once (forkserver: faster; a program that sets OMP_NUM_THREADS & co. before importing torch "
+           "is refused), "
            "or in this process (inprocess)",
            lambda v: _one_of("isolation", v, ISOLATION_MODES), _text_choice, ISOLATION_MODES),
     Option("timeout", None, "seconds a replica may run before its process tree is killed (none: no limit)",

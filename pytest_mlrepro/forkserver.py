@@ -13,7 +13,7 @@ child, and the harness seeds or scrambles every other global generator as it doe
 Servers are kept per environment for the life of this process and shared by its audits (the two
 replicas of an audit have two hash seeds: two servers, each reused by every later audit, replay and
 dense re-trace with that seed). What differs from ``isolation="process"``: torch and numpy are
-imported before the program runs, so a program that sets a thread variable (``OMP_NUM_THREADS``,
+imported before the program runs, so a program that sets a thread count (``OMP_NUM_THREADS``,
 ``MKL_NUM_THREADS``, ...) to a new value before importing them would not get it; the child refuses
 such a program with an error naming the variable (use ``isolation="process"``).
 
@@ -39,8 +39,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 START_TIMEOUT_S = 300.0  # importing torch on a loaded 2-core machine can take a minute
-# read by torch / numpy / their BLAS and OpenMP runtimes when they load: setting them later has no effect
-THREAD_VARIABLES = ("OMP_", "MKL_", "OPENBLAS_", "GOMP_", "KMP_", "BLIS_", "VECLIB_")
+# thread counts read by torch's and numpy's OpenMP / BLAS runtimes when they load: set later, no effect
+THREAD_VARIABLES = frozenset({"OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "BLIS_NUM_THREADS",
+                              "VECLIB_MAXIMUM_THREADS", "GOTO_NUM_THREADS"})
+RUNTIMES = ("torch", "numpy")  # importing either loads those runtimes in a fresh interpreter
 
 
 class ForkServerError(RuntimeError):
@@ -334,24 +336,58 @@ def _become_replica(msg: dict) -> None:
     os.chdir(msg["cwd"])
     sys.path[0] = os.getcwd()  # as `python -m` puts the working folder first
     sys.argv = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "replica.py"), *msg["argv"]]
-    _refuse_late_thread_variables()
+    # the module by its name, not this ``__main__`` copy: the replica calls program_starts() on that one
+    from pytest_mlrepro import forkserver
+
+    forkserver._refuse_late_thread_variables()
+
+
+_watching = False  # the program runs and has not imported torch or numpy yet (forked children only)
+_in_child = False
 
 
 def _refuse_late_thread_variables() -> None:
-    """Thread variables a program sets to a new value take no effect here (torch is loaded): say so."""
+    """A thread count the program sets before it imports torch or numpy would size their thread pools
+    in a fresh interpreter, but not here (they are loaded): refuse it. Set afterwards (a library that
+    imported torch, Lightning's DDP) it has no effect in a fresh interpreter either: allowed. The
+    harness's own settings, before the program starts (:func:`program_starts`), are never checked."""
+    global _in_child
+    _in_child = True
     environ_type = type(os.environ)
     original = environ_type.__setitem__
 
     def setitem(self, key, value):
-        if self is os.environ and key.startswith(THREAD_VARIABLES) and os.environ.get(key) != value:
+        if _watching and self is os.environ and key in THREAD_VARIABLES and os.environ.get(key) != value:
             raise RuntimeError(
-                f"the program sets {key}={value!r} while it runs, but with isolation='forkserver' torch and numpy "
-                f"are already imported (their thread pools read {key} only when they load), so it would have no "
+                f"the program sets {key}={value!r} before importing torch or numpy, which in a fresh interpreter "
+                f"sizes their thread pools; with isolation='forkserver' they are already loaded, so it would have no "
                 "effect and the audit would not run the training you run: use isolation='process', or set "
                 f"{key} before starting the audit")
         original(self, key, value)
 
     environ_type.__setitem__ = setitem
+
+
+def program_starts() -> None:
+    """Called by the replica right before the program runs: watch its thread variables until its first
+    ``import torch`` / ``import numpy`` (an ``__import__`` hook, removed at that import). No-op
+    outside a fork server's child."""
+    global _watching
+    if not _in_child:
+        return
+    import builtins
+
+    original = builtins.__import__
+
+    def tracking_import(name, globals=None, locals=None, fromlist=(), level=0):
+        global _watching
+        if level == 0 and name.partition(".")[0] in RUNTIMES:
+            _watching = False
+            builtins.__import__ = original
+        return original(name, globals, locals, fromlist, level)
+
+    _watching = True
+    builtins.__import__ = tracking_import
 
 
 def main() -> None:

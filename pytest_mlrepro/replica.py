@@ -183,6 +183,9 @@ def _run(spec: ReplicaSpec, out_dir: Path) -> bool:
         undo_controls()
         raise
     steps_so_far = StepsWriter(out_dir, lambda: tracer.steps).start()  # the parent's progress lines read it
+    from .forkserver import program_starts
+
+    program_starts()  # in a fork server's child: watch thread variables set before the program imports torch
     try:
         try:
             if spec.target.kind == "script":

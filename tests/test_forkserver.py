@@ -46,12 +46,15 @@ def test_same_verdicts_as_fresh_interpreters_and_servers_reused_across_audits(tm
     assert hashed.cause.kind == "hash_seed", hashed.explain()  # the pinned-hash-seed rerun agrees, forked as well
 
 
-def test_a_thread_variable_the_program_sets_is_refused_not_ignored(tmp_path):
-    refused = _audit(f"{CASES}:sets_threads", tmp_path / "a")
+def test_a_thread_count_set_before_importing_torch_is_refused_not_ignored(tmp_path):
+    """Before `import torch` it would size the thread pool in a fresh interpreter: refused. After it, it
+    has no effect there either, and other variables (sklearn's KMP_DUPLICATE_LIB_OK) are never refused."""
+    refused = _audit(str(Path(CASES).with_name("forkserver_threads_first.py")), tmp_path / "a")
     assert refused.verdict == "error"
-    assert "sets OMP_NUM_THREADS='3'" in refused.error.message and "isolation='process'" in refused.error.message
-    kept = _audit(f"{CASES}:keeps_threads", tmp_path / "b")
-    assert kept.error is None and kept.deterministic
+    assert "sets OMP_NUM_THREADS='3' before importing torch" in refused.error.message
+    assert "isolation='process'" in refused.error.message and "KMP_DUPLICATE_LIB_OK" not in refused.error.message
+    after = _audit(f"{CASES}:sets_threads_after_torch", tmp_path / "b")
+    assert after.error is None and after.deterministic
 
 
 def test_a_crash_and_a_hang_are_named(tmp_path):

@@ -1,5 +1,5 @@
-"""Targets for the fork-server tests: a tiny training, one that sets a thread variable itself, one
-that reads its own hash seed and process, and one that crashes."""
+"""Targets for the fork-server tests: a tiny training, one that sets a thread variable after importing
+torch, one that reads its own hash seed and process, one that crashes and one that hangs."""
 import os
 import signal
 
@@ -18,13 +18,8 @@ def train(ctx=None):
     return model
 
 
-def sets_threads(ctx=None):
-    os.environ["OMP_NUM_THREADS"] = "3"  # a new value: a fresh interpreter would start with 3 threads
-    return train()
-
-
-def keeps_threads(ctx=None):
-    os.environ["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")  # the value it has: no effect either way
+def sets_threads_after_torch(ctx=None):
+    os.environ["OMP_NUM_THREADS"] = "3"  # this module imported torch already: no effect in a fresh interpreter either
     return train()
 
 
