@@ -79,7 +79,6 @@ class LoaderShard:
 class RankEvidence:
     rank: int
     ddp_modules: int  # DistributedDataParallel wrappers the rank built
-    broadcast_buffers: bool = True  # every one of them broadcasts rank 0's buffers each forward (DDP's default)
     loaders: list = field(default_factory=list)  # [LoaderShard], in creation order
     rng_at_end: dict = field(default_factory=dict)  # probes.rng_fingerprints() after the program
 
@@ -88,7 +87,7 @@ class RankEvidence:
 
     @classmethod
     def from_plain(cls, d: dict) -> "RankEvidence":
-        return cls(rank=d["rank"], ddp_modules=d["ddp_modules"], broadcast_buffers=d.get("broadcast_buffers", True),
+        return cls(rank=d["rank"], ddp_modules=d["ddp_modules"],
                    loaders=[LoaderShard(**x) for x in d["loaders"]], rng_at_end=dict(d["rng_at_end"]))
 
 
@@ -104,7 +103,6 @@ class ShardProbe:
         self.steps = 0
         self.forwards = 0
         self.ddp_modules = 0
-        self.broadcast_buffers = True
         self._progress, self._rank = progress, rank  # what the parent reads when the replica hangs
         self._restore: list[tuple[Any, str, Any]] = []
         self._hook = None
@@ -146,7 +144,6 @@ class ShardProbe:
         def wrapped_ddp_init(self_, *args, **kwargs):
             ddp_init(self_, *args, **kwargs)
             probe.ddp_modules += 1
-            probe.broadcast_buffers = probe.broadcast_buffers and bool(getattr(self_, "broadcast_buffers", True))
 
         def wrapped_ddp_forward(self_, *args, **kwargs):
             probe.forwards += 1
@@ -218,7 +215,7 @@ def run_rank(spec: Any, out_dir: Path, rank: int, progress: Optional[mmap.mmap] 
         shards.uninstall()
     from .atomic import atomic_write_text
 
-    evidence = RankEvidence(rank=rank, ddp_modules=shards.ddp_modules, broadcast_buffers=shards.broadcast_buffers,
+    evidence = RankEvidence(rank=rank, ddp_modules=shards.ddp_modules,
                             loaders=shards.shards(),
                             rng_at_end=probes.rng_fingerprints())
     atomic_write_text(rank_dir / EVIDENCE_FILE, json.dumps(evidence.to_plain()), fsync=False)
