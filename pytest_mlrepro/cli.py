@@ -51,6 +51,7 @@ def _add_table_options(parser: argparse.ArgumentParser, keep=lambda option: True
         if keep(option):
             choices = f" ({', '.join(option.choices)})" if option.choices else ""
             text = _CLI_HELP.get(option.name, f"{option.help}{choices}. Default: {option.default!r}")
+            text = text.replace("%", "%%")  # argparse %-formats help texts ("2 % of the step time")
             parser.add_argument(f"--{option.flag}", dest=option.name, type=_text_type(option), default=None,
                                 metavar=option.name.upper(), help=text)
 

@@ -19,6 +19,7 @@ def add_pytest_options(group: Any, addini: Callable[..., None]) -> None:
     for o in TEXT_OPTIONS:
         choices = f" ({', '.join(o.choices)})" if o.choices else ""
         text = f"{o.help}{choices}. Env MLREPRO_{o.name.upper()}, ini mlrepro_{o.name}. Default: {o.default!r}"
+        text = text.replace("%", "%%")  # argparse %-formats help texts ("2 % of the step time")
         if o.switch:
             group.addoption("--mlrepro-" + o.flag, dest=f"mlrepro_{o.name}", action="store_const", const="true",
                             default=None, help=text)

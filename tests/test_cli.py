@@ -174,3 +174,17 @@ def test_a_crashing_program_exits_2_and_says_why(tmp_path, capsys, monkeypatch):
     assert code == 2
     assert f"{TINY}: error: RuntimeError: replica 0 of {TINY} failed: RuntimeError: tiny_train: planted crash" in captured.out
     assert f"mlrepro: {TINY}: replica 0: FAILED after" in captured.err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["audit", "--help"], ["compare", "--help"]])
+def test_help_lists_every_option_of_the_table(argv, capsys):
+    """argparse %-formats help texts: a literal "%" in an option's help once made --help crash."""
+    from pytest_mlrepro.config import CLI_OPTIONS
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    if argv[0] == "audit":
+        assert all(f"--{o.flag}" in out for o in CLI_OPTIONS), out
+        assert "2 % of the step time" in " ".join(out.split())

@@ -267,3 +267,14 @@ def test_wandb_options_place_the_offline_run(project, tmp_path):
     run = read_run(runs[0])
     assert run.project == "proj-x" and list(run.tags) == ["ci", "nightly"]
     assert run.summary["verdict"] == "deterministic"
+
+
+def test_pytest_help_lists_the_options(pytester: pytest.Pytester):
+    """pytest --help formats every option's help with argparse (a "%" in one once crashed it)."""
+    from pytest_mlrepro.config import TEXT_OPTIONS
+
+    result = pytester.runpytest("--help")
+    assert result.ret == 0, result.stderr.str()
+    text = result.stdout.str()
+    missing = [o.flag for o in TEXT_OPTIONS if f"--mlrepro-{o.flag}" not in text]
+    assert not missing and "--mlrepro-trace-every" in text, missing
