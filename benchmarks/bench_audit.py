@@ -219,10 +219,17 @@ def cpu_and_wall(training, n: int) -> tuple[float, float]:
     return time.process_time() - cpu, time.perf_counter() - wall
 
 
-def trace_one(size: str, *, reps: int, block_s: float, every: int = 1) -> None:
+def _every(text: str):
+    return text if text == "auto" else int(text)
+
+
+def trace_one(size: str, *, reps: int, block_s: float, every="auto") -> None:
     import torch
 
     from pytest_mlrepro.trace import Tracer
+    from pytest_mlrepro.tracing import budget
+
+    budget.ALLOWANCE_S = 0.0  # the steady state after the dense start: each repetition chooses after MEASURE_STEPS
 
     class TimedTracer(Tracer):
         """The real tracer, plus a stopwatch around its optimizer hooks (time spent inside them)."""
@@ -261,6 +268,7 @@ def trace_one(size: str, *, reps: int, block_s: float, every: int = 1) -> None:
 
     results = {"cpu": {"plain": [], "traced": [], "overhead": []}, "wall": {"plain": [], "traced": [], "overhead": []}}
     hook_ms: list[float] = []
+    chosen: list = []  # with auto: each repetition's BudgetChoice
     for rep in range(reps):
         order = ("plain", "traced") if rep % 2 == 0 else ("traced", "plain")  # interleaved, alternating
         timing = {}
@@ -270,14 +278,18 @@ def trace_one(size: str, *, reps: int, block_s: float, every: int = 1) -> None:
             else:
                 tracer = TimedTracer(every=every).install()
                 try:
-                    time_steps(training, 1)  # registration step, not timed (reported below as one-time cost)
+                    time_steps(training, 1 if every != "auto" else budget.MEASURE_STEPS + 1)  # registration
+                    # (and with auto the timed steps that choose the interval): not timed, reported below
                     TimedTracer.hook_s = 0.0
                     timing[kind] = cpu_and_wall(training, steps)
                     hook_ms.append(1e3 * TimedTracer.hook_s / steps)
                 finally:
                     tracer.uninstall()
-                if tracer.steps != steps + 1:
-                    raise SystemExit(f"the tracer saw {tracer.steps} steps, expected {steps + 1}")
+                warm = 1 if every != "auto" else budget.MEASURE_STEPS + 1
+                if tracer.steps != steps + warm:
+                    raise SystemExit(f"the tracer saw {tracer.steps} steps, expected {steps + warm}")
+                if tracer.budget is not None:
+                    chosen.append(tracer.budget.choice)
         for j, clock in enumerate(("cpu", "wall")):
             r = results[clock]
             r["overhead"].append(100 * (timing["traced"][j] / timing["plain"][j] - 1))
@@ -292,6 +304,11 @@ def trace_one(size: str, *, reps: int, block_s: float, every: int = 1) -> None:
     in_hooks = [100 * h / p for h, p in zip(hook_ms, results["wall"]["plain"])]
     print(f"  time inside the tracer's optimizer hooks: {spread(hook_ms)} ms/step = {spread(in_hooks)} % of the "
           "untraced step of the same repetition (a floor for the overhead, measured in place, less noisy)")
+    if chosen:
+        intervals = sorted({c.every for c in chosen})
+        print(f"  auto: intervals chosen {intervals}; the budget's own estimate of the recording's share "
+              f"{spread([100 * c.overhead for c in chosen])} % (record {spread([1e6 * c.record_s for c in chosen])} us, "
+              f"step {spread([1e6 * c.step_s for c in chosen])} us; the hooks' fixed cost per step is not in it)")
     print(f"  one-time cost of the first traced step: {1e3 * (traced_first - plain_first):+.2f} ms")
     breakdown(training, tracer_cls=Tracer)
 
@@ -512,8 +529,10 @@ def main() -> None:
     p.add_argument("--sizes", default="mlp,cnn,tiny,mlp-b256", help="workload sizes, comma-separated. Default: %(default)r")
     p.add_argument("--reps", type=int, default=60, help="interleaved repetitions per size. Default: %(default)r")
     p.add_argument("--block-s", type=float, default=0.06, help="seconds of training per side and repetition. Default: %(default)r")
-    p.add_argument("--every", type=int, default=1,
-                   help="trace every k-th optimizer step (audit(trace_every=k)). Default: %(default)r")
+    p.add_argument("--every", type=_every, default="auto",
+                   help="trace every k-th optimizer step (audit(trace_every=k)), or auto: the self-budgeting trace "
+                        "after its dense start (each repetition chooses from its own first steps; the dense "
+                        "start costs at most its 1 s allowance per replica, not measured here). Default: %(default)r")
     p.add_argument("--quick", action="store_true", help="3 repetitions of 0.1 s blocks")
     p = sub.add_parser("load", help="plugin import time and pytest --co with/without the plugin")
     p.add_argument("--reps", type=int, default=15, help="runs of each command. Default: %(default)r")

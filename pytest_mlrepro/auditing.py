@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from . import causes, controls, environment, localize
+from . import causes, controls, devices, environment, localize
 from .config import AUDIT_OPTIONS, PROCESS_ISOLATIONS, AuditConfig
 from .errors import ConfigError, MlreproError, ReplicaError, TargetError
 from .replica import ReplicaSpec
@@ -34,17 +34,29 @@ def resolve_device(device: str) -> str:
 
 
 def replica_slots(config: AuditConfig, runs: int) -> int:
-    """How many replicas run at once: with ``parallel="auto"``, as many as the cores allow without
-    oversubscribing (cores ÷ xdist workers ÷ the training's intra-op threads), one at a time in-process
-    or on a GPU (one device: concurrent replicas would compete for it and its memory)."""
-    if config.isolation not in PROCESS_ISOLATIONS or config.device == "cuda":
-        return 1
+    """How many replicas run at once (see :func:`parallel_plan`)."""
+    return parallel_plan(config, runs).concurrent
+
+
+def parallel_plan(config: AuditConfig, runs: int) -> devices.DevicePlan:
+    """How replicas run at once, and why: one at a time in-process; on a GPU, with ``parallel="auto"``,
+    one replica per visible device identical to device 0 (devices.plan); on the CPU, with
+    ``parallel="auto"``, as many as the cores allow without oversubscribing (cores ÷ xdist workers ÷
+    the training's intra-op threads ÷ ranks); an explicit ``parallel`` is the user's call."""
+    if config.isolation not in PROCESS_ISOLATIONS:
+        return devices.DevicePlan(1, f"isolation={config.isolation!r}: one at a time (replicas share this process)")
+    if config.device == "cuda":
+        return devices.plan(devices.inventory(), runs, config.nproc, config.parallel)
     if config.parallel != "auto":
-        return max(1, min(config.parallel, runs))
+        n = max(1, min(config.parallel, runs))
+        return devices.DevicePlan(n, f"parallel={config.parallel}: {n} at once", capacity=n)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1))
-    threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or _torch_threads()
-    return max(1, min(runs, cores // workers // (max(1, threads) * config.nproc)))  # a DDP replica: nproc ranks
+    threads = max(1, int(os.environ.get("OMP_NUM_THREADS") or 0) or _torch_threads())
+    n = max(1, min(runs, cores // workers // (threads * config.nproc)))  # a DDP replica: nproc ranks
+    ranks = f" × {config.nproc} ranks" if config.nproc > 1 else ""
+    return devices.DevicePlan(n, f"{cores} cores ÷ {workers} xdist worker{'s' if workers > 1 else ''} ÷ {threads} "
+                                 f"thread{'s' if threads > 1 else ''}{ranks}: {n} at once", capacity=n)
 
 
 def diagnosis_width(config: AuditConfig) -> int:
@@ -144,7 +156,9 @@ class _Audit:
         self.spec, self.result, self.root, self.config, self.cwd = spec, result, root, config, cwd
         self.progress = progress  # ProgressEvent callback (progress.track), or None
         self.trace_every, self.isolation = config.trace_every, config.isolation
-        self.slots = result.parallel = replica_slots(config, config.runs)
+        plan = parallel_plan(config, config.runs)
+        self.slots, result.parallel, result.parallel_reason = plan.concurrent, plan.concurrent, plan.reason
+        self.devices = devices.DevicePool(plan)  # every run (replica, replay, re-trace, rerun) leases its devices
         self.inherit_hash_seed = "PYTHONHASHSEED" in os.environ
 
     def _hash_seed(self, index: int, pinned: Optional[str] = None) -> Optional[str]:
@@ -156,17 +170,20 @@ class _Audit:
              dense_until: Optional[int] = None, controls: frozenset = frozenset(),
              perturb: frozenset = frozenset(), timeout: Optional[float] = None) -> ReplicaOutput:
         folder = self.root / f"{label}-{index}"
-        spec = ReplicaSpec(target=self.spec, index=index, config=self.config, workdir=str(folder / "work"),
-                           replay_step=replay_step, cwd=self.cwd,
-                           trace_every=1 if dense_until is not None else self.trace_every, stop_after=dense_until,
-                           entropy=replica_entropy(self.result.seed, index), controls=controls, perturb=perturb)
-        with track(self.progress, label, index, folder / "out"):
-            return run(spec, folder / "out", isolation=self.isolation, timeout=timeout or self.config.timeout,
-                       hash_seed=hash_seed if hash_seed is not None else self._hash_seed(index))
+        with self.devices.lease() as group:  # held until the run ends: at most the plan's runs per device
+            spec = ReplicaSpec(target=self.spec, index=index, config=self.config, workdir=str(folder / "work"),
+                               replay_step=replay_step, cwd=self.cwd,
+                               trace_every=1 if dense_until is not None else self.trace_every, stop_after=dense_until,
+                               entropy=replica_entropy(self.result.seed, index), controls=controls, perturb=perturb,
+                               cuda_devices=group)
+            with track(self.progress, label, index, folder / "out"):
+                return run(spec, folder / "out", isolation=self.isolation, timeout=timeout or self.config.timeout,
+                           hash_seed=hash_seed if hash_seed is not None else self._hash_seed(index))
 
     def _run_all(self, calls: list) -> list:
-        """``_run(index, label, **kw)`` for each call, up to ``slots`` at once; outputs in call order
-        (the first failing call's ReplicaError is raised once all have ended)."""
+        """``_run(index, label, **kw)`` for each call, up to ``slots`` at once (on a GPU each on a device
+        group leased from ``devices``); outputs in call order (the first failing call's ReplicaError is
+        raised once all have ended)."""
         if self.slots <= 1 or len(calls) <= 1:
             return [self._run(i, label, **kw) for i, label, kw in calls]
         from concurrent.futures import ThreadPoolExecutor
@@ -193,7 +210,7 @@ class _Audit:
         r.replicas = [ReplicaSummary(index=m["index"], wall_time_s=m["wall_time_s"], steps=m["steps"],
                                      seeding={k: m["seeding"][k] for k in ("mode", "seed", "seeded")},
                                      metrics=m["metrics"], losses=t.losses, environment=m["environment"],
-                                     trace_every=t.every)
+                                     trace_every=t.every, trace_dense_until=t.dense_until, trace_budget=t.budget)
                       for m, t in zip(metas, traces)]
         r.nondeterministic_ops = _merge_ops(metas)
         other, nonfinite = 1, {}  # replica -> {tensor: NaN/inf counts}, counted while comparing

@@ -224,12 +224,14 @@ class _SideAudit(_Audit):
              dense_until: Optional[int] = None) -> ReplicaOutput:
         side = self.sides[index]
         folder = self.root / f"{label}-{side.name}"
-        spec = _SideSpec(target=side.target, index=REPLICA, config=self.config, workdir=str(folder / "work"),
-                         replay_step=replay_step, cwd=side.cwd,
-                         trace_every=1 if dense_until is not None else self.trace_every, stop_after=dense_until,
-                         entropy=replica_entropy(self.result.seed, REPLICA), import_paths=side.paths)
-        return run(spec, folder / "out", isolation=self.isolation, timeout=self.config.timeout,
-                   hash_seed=hash_seed if hash_seed is not None else self._hash_seed(REPLICA))
+        with self.devices.lease() as group:  # on GPUs, the two sides on devices of their own, as replicas are
+            spec = _SideSpec(target=side.target, index=REPLICA, config=self.config, workdir=str(folder / "work"),
+                             replay_step=replay_step, cwd=side.cwd,
+                             trace_every=1 if dense_until is not None else self.trace_every, stop_after=dense_until,
+                             entropy=replica_entropy(self.result.seed, REPLICA), import_paths=side.paths,
+                             cuda_devices=group)
+            return run(spec, folder / "out", isolation=self.isolation, timeout=self.config.timeout,
+                       hash_seed=hash_seed if hash_seed is not None else self._hash_seed(REPLICA))
 
 
 def compare_commits(

@@ -31,6 +31,7 @@ CWD_MODES = ("replica", "rootdir")
 WANDB_MODES = ("offline", "online", "disabled")
 MAX_SEED = 2**32 - 1  # numpy's global generator takes seeds below 2**32
 MAX_NPROC = 64  # ranks per replica (one machine: torchrun's --nproc-per-node)
+DDP_LAUNCHERS = ("fork", "torchrun")  # how a DDP replica starts its ranks (distributed_rank, distributed_torchrun)
 
 
 # -- checks of typed values (the single validation) --------------------------------------------------
@@ -318,14 +319,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("timeout", None, "seconds a replica may run before its process tree is killed (none: no limit)",
            _check_timeout, _text_optional_float),
     Option("runs", 2, "how many replicas each audit runs (>= 2)", _check_runs, _text_int),
-    Option("parallel", "auto", "replicas (and replays) run at once in process isolation: auto (the cores, shared "
-           "among xdist workers, divided by the training's threads; one at a time on a GPU) or N",
+    Option("parallel", "auto", "replicas (and replays, diagnosis reruns) run at once in process isolation: auto (on "
+           "the CPU the cores, shared among xdist workers, divided by the training's threads; on GPUs one replica per "
+           "device identical to device 0, nproc devices for a DDP replica, each its own CUDA_VISIBLE_DEVICES; one at "
+           "a time on one GPU) or N (on one GPU: N share it); the result says which and why",
            _check_parallel, _text_parallel),
     Option("nproc", 1, "ranks per replica: N > 1 runs the target as a torch.distributed program, N processes with "
            "torchrun's environment (gloo on CPU, NCCL on GPU), traced per rank", _check_nproc, _text_int),
-    Option("trace_every", 1, "fingerprint the weights after every k-th optimizer step, or auto: every step while "
-           "timing the first ones, then the interval keeping the trace within 2 % of the step time (a dense re-trace "
-           "still finds the exact step)", _check_trace_every, _text_parallel),
+    Option("ddp_launcher", "fork", "how a DDP replica (nproc > 1) starts its ranks: forked from one interpreter that "
+           "imported torch once, with torchrun's environment (fork), or by torchrun's own agent, a fresh interpreter "
+           "per rank (torchrun: slower to start)", lambda v: _one_of("ddp_launcher", v, DDP_LAUNCHERS), _text_choice,
+           DDP_LAUNCHERS),
+    Option("trace_every", "auto", "fingerprint the weights after every k-th optimizer step, or auto: every step "
+           "while the recording has cost less than 1 s in all, then the power-of-two interval keeping it within 2 % "
+           "of the step time (a dense re-trace still finds the exact step)", _check_trace_every, _text_parallel),
     Option("deterministic", True, "apply torch's deterministic settings (use_deterministic_algorithms warn_only, "
            "cuDNN flags, cuBLAS workspace)", _check_bool("deterministic"), _text_bool),
     Option("seeding", None, "who seeds: harness (every global generator seeded alike) or program (the program "
@@ -403,7 +410,8 @@ class AuditConfig:
     runs: int = 2
     parallel: Any = "auto"
     nproc: int = 1
-    trace_every: Any = 1  # k >= 1, or "auto"
+    ddp_launcher: str = "fork"
+    trace_every: Any = "auto"  # k >= 1, or "auto"
     deterministic: bool = True
     seeding: Optional[str] = None
     mode: str = "bitwise"
@@ -426,6 +434,9 @@ class AuditConfig:
         if values["nproc"] > 1 and values["isolation"] not in PROCESS_ISOLATIONS:
             raise ConfigError(f"nproc={values['nproc']} needs isolation='process' (or 'forkserver'): every rank is a "
                               "process of its own")
+        if values["ddp_launcher"] == "torchrun" and values["nproc"] == 1:
+            raise ConfigError("ddp_launcher='torchrun' needs nproc > 1: it starts the ranks of a DDP replica, and with "
+                              "nproc=1 there are none")
         return dataclasses.replace(self, **values)
 
     def merged(self, overrides: Mapping[str, Any], *, what: str = "audit option") -> "AuditConfig":

@@ -6,10 +6,11 @@ replica's; :func:`review` then adds what only ranks can tell:
 
 - each rank's final weights across replicas (a rank whose weights DDP does not sync can differ alone);
 - ``first_divergence.rank``: the rank where the difference starts (:func:`origin_rank`, rules in order);
-- cross-rank findings in replica 0: parameters DDP keeps in sync agree on every rank at every traced
-  step (``ddp.params_in_sync``); every rank read the same batches (``ddp.data_shards``); random
+- cross-rank findings, in every replica: parameters DDP keeps in sync agree on every rank at every
+  traced step (``ddp.params_in_sync``); every rank read the same batches (``ddp.data_shards``); random
   generators that draw during training start from the same state on every rank (``ddp.rng_per_rank``,
-  a warning: identical dropout masks on every rank, transformers#31412).
+  a warning: identical dropout masks on every rank, transformers#31412). Each check is reported once,
+  with the replicas it held in (:func:`merge_findings`).
 """
 from __future__ import annotations
 
@@ -213,11 +214,46 @@ def data_shards(traces: list[TraceRecord], evidence: list[RankEvidence]) -> Opti
 
 
 def cross_rank_findings(output: DistributedOutput) -> list[Finding]:
+    """One replica's cross-rank findings, from its ranks' traces and ddp.json."""
     traces = [r.trace() for r in output.ranks]
     evidence = [output.evidence(k) for k in range(len(output.ranks))]
     ddp = all(e.ddp_modules > 0 for e in evidence)
     found = (params_in_sync(traces, ddp), data_shards(traces, evidence), rng_per_rank(traces, evidence))
     return [f for f in found if f is not None]
+
+
+# -- cross-rank findings (every replica) -----------------------------------------------------------------
+
+def replica_findings(outputs: list) -> list[Finding]:
+    """Every replica's cross-rank findings, each check reported once (:func:`merge_findings`)."""
+    return merge_findings([(o.index, cross_rank_findings(o)) for o in outputs])
+
+
+def merge_findings(per_replica: list[tuple[int, list[Finding]]]) -> list[Finding]:
+    """One finding per check, however many replicas it held in: the first such replica's, with
+    ``details["replicas"]`` listing them all. Replicas that disagree (the check held in some only, or
+    with other details) are themselves a sign of nondeterminism: ``details["per_replica"]`` then holds
+    each replica's details (None where it did not hold) and the message says so. The verdict stays the
+    check's own, so a finding never counts twice and a disagreement adds no verdict of its own."""
+    held: dict[str, dict[int, Finding]] = {}  # check -> replica -> its finding, checks in first-seen order
+    for index, findings in per_replica:
+        for f in findings:
+            held.setdefault(f.check, {})[index] = f
+    everyone = [index for index, _ in per_replica]
+    merged = []
+    for check, by_replica in held.items():
+        first = next(iter(by_replica.values()))
+        replicas = sorted(by_replica)
+        details = {**first.details, "replicas": replicas}
+        message = first.message
+        if replicas != sorted(everyone) or any(f.details != first.details for f in by_replica.values()):
+            details["per_replica"] = {str(i): by_replica[i].details if i in by_replica else None for i in everyone}
+            where = (f"replica{'s' if len(replicas) > 1 else ''} {', '.join(map(str, replicas))} of "
+                     f"{', '.join(map(str, everyone))}")
+            message += (f" (in {where}; the cross-rank evidence differs between replicas, itself a sign of "
+                        "nondeterminism)")
+        merged.append(Finding(check, first.verdict, message, details))
+    return merged
 
 
 # -- the audit's part ------------------------------------------------------------------------------------
@@ -230,7 +266,7 @@ def review(run, *, localize_divergence: bool = True) -> None:
 
     r, outputs = run.result, run.outputs
     nproc = len(outputs[0].ranks)
-    r.findings.extend(cross_rank_findings(outputs[0]))
+    r.findings.extend(replica_findings(outputs))
     traces_a = [x.trace() for x in outputs[0].ranks]
     other, traces_b = _first_other(outputs, traces_a)
     divs = {k: localize.first_divergence(traces_a[k], traces_b[k]) for k in range(nproc)}

@@ -13,6 +13,10 @@ cross-rank evidence: DataLoader shards, RNG states, whether DDP was used).
 This process watches its ranks: when one fails, the others get a short grace and are then killed
 with their trees (a peer left alone waits in a collective for gloo's 30-minute timeout), and
 ``OUT/error.json`` names the rank that failed first. ``OUT/ranks.json`` says how each rank ended.
+
+That is ``ddp_launcher="fork"``, the default; ``"torchrun"`` (``distributed_torchrun``) starts the
+same ranks (:func:`rank_main`) through torchrun's own agent instead and ends in the same files
+(:func:`write_outcome`).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 RANK_DIR = "rank-{}"
 EVIDENCE_FILE = "ddp.json"
@@ -222,7 +226,10 @@ def run_rank(spec: Any, out_dir: Path, rank: int, progress: Optional[mmap.mmap] 
     return ok
 
 
-def _rank_main(spec: Any, out_dir: Path, rank: int, env: dict, progress: Optional[mmap.mmap]) -> int:
+def rank_main(spec: Any, out_dir: Path, rank: int, env: dict, progress: Optional[mmap.mmap]) -> int:
+    """A rank's process, forked by :func:`launch` (``env``: torchrun's variables) or a worker torchrun's
+    agent started (``env`` empty: the agent set them): its group and guard, then :func:`run_rank`; the
+    exit status (0 ok, 1 the program failed, 3 the harness did)."""
     from .process_tree import guard_replica
 
     from .process_tree import TOKEN_ENV
@@ -232,7 +239,8 @@ def _rank_main(spec: Any, out_dir: Path, rank: int, env: dict, progress: Optiona
         import torch
 
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
-    os.setpgid(0, 0)  # its own group: this rank's tree can be told from its peers'
+    if os.getpgid(0) != os.getpid():  # torchrun's agent starts each worker in a session of its own already
+        os.setpgid(0, 0)  # its own group: this rank's tree can be told from its peers'
     # subreaper, dies with the launcher, sweeps what it started at its end: its descendants and group
     # only, not every holder of the replica token (the launcher and the peer ranks hold it too)
     token = os.environ.pop(TOKEN_ENV, None)
@@ -258,7 +266,7 @@ def _fork_rank(spec: Any, out_dir: Path, rank: int, env: dict, progress: Optiona
     if pid == 0:  # the rank: never return into the launcher's code
         code = 1
         try:
-            code = _rank_main(spec, out_dir, rank, env, progress)
+            code = rank_main(spec, out_dir, rank, env, progress)
         finally:
             try:
                 import atexit
@@ -280,11 +288,13 @@ def _status(code: int) -> dict:
     return {"status": "ok" if exit_code == 0 else "failed", "exit_code": exit_code}
 
 
-def _progress_map(path: Path, nproc: int) -> mmap.mmap:
-    """Shared memory the ranks write their progress into (inherited through the fork); a file, so the
-    parent can read it after this process was killed at a timeout."""
-    with open(path, "w+b") as f:
-        f.truncate(PROGRESS.size * nproc)
+def progress_map(path: Path, nproc: int, *, create: bool = True) -> mmap.mmap:
+    """Shared memory the ranks write their progress into (inherited through the fork, or opened by path
+    with ``create=False`` in a rank torchrun started); a file, so the parent can read it after this
+    process was killed at a timeout."""
+    with open(path, "w+b" if create else "r+b") as f:
+        if create:
+            f.truncate(PROGRESS.size * nproc)
         return mmap.mmap(f.fileno(), PROGRESS.size * nproc)
 
 
@@ -319,7 +329,7 @@ def launch(spec: Any, out_dir: Path) -> int:
 
     nproc = spec.config.nproc
     port, run_id = free_port(), uuid.uuid4().hex[:12]
-    progress = _progress_map(out_dir / PROGRESS_FILE, nproc)
+    progress = progress_map(out_dir / PROGRESS_FILE, nproc)
     pids = {_fork_rank(spec, out_dir, r, rank_environment(r, nproc, port, run_id), progress): r for r in range(nproc)}
     ended: dict[int, dict] = {}
     order: list[int] = []  # ranks in the order they were seen to fail
@@ -349,9 +359,15 @@ def launch(spec: Any, out_dir: Path) -> int:
         except ChildProcessError:
             pass
     ranks = [{"rank": r, **ended[r]} for r in range(nproc)]
+    return write_outcome(out_dir, ranks, order, launcher="fork", master_port=port)
+
+
+def write_outcome(out_dir: Path, ranks: list[dict], order: list[int], **how: Any) -> int:
+    """ranks.json (how each rank ended, ``how`` they were started) and, when a rank
+    failed, error.json naming the first; the launcher's exit status (0, or 1: a rank failed)."""
     from .atomic import atomic_write_text
 
-    atomic_write_text(out_dir / RANKS_FILE, json.dumps({"nproc": nproc, "master_port": port, "ranks": ranks,
+    atomic_write_text(out_dir / RANKS_FILE, json.dumps({"nproc": len(ranks), **how, "ranks": ranks,
                                                         "failed_order": order}), fsync=False)
     if not order:
         return 0
@@ -405,13 +421,15 @@ def _tail(path: Path, limit: int = 4000) -> str:
         return ""
 
 
-def launch_replica(spec: Any, out_dir: Path) -> int:
+def launch_replica(spec: Any, out_dir: Path, start: Callable[[Any, Path], int] = launch,
+                   name: str = "the DDP launcher") -> int:
     """The replica process's part (``python -m pytest_mlrepro.replica`` with ``nproc`` > 1, guarded there):
-    start the ranks, wait for them; the exit status the runner expects (0 ok, 1 a rank failed, 3 harness)."""
+    start the ranks with ``start`` (this module's :func:`launch`, or torchrun's), wait for them; the exit
+    status the runner expects (0 ok, 1 a rank failed, 3 harness)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return launch(spec, out_dir)
+        return start(spec, out_dir)
     except BaseException:
-        (out_dir / "error.json").write_text(json.dumps({"type": "HarnessError", "message": "the DDP launcher failed",
+        (out_dir / "error.json").write_text(json.dumps({"type": "HarnessError", "message": f"{name} failed",
                                                         "traceback": traceback.format_exc()}))
         return 3

@@ -26,6 +26,7 @@ def collect(device: str) -> dict:
         "num_threads": torch.get_num_threads(),
         "num_interop_threads": torch.get_num_interop_threads(),
         "pythonhashseed": os.environ.get("PYTHONHASHSEED"),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),  # the replica's device group on a GPU
         "hash_randomization": bool(sys.flags.hash_randomization),
         **deterministic_flags(),
     }
@@ -43,8 +44,9 @@ def _cpu_capability(torch) -> str | None:
         return None
 
 
-# Keys that legitimately differ between replicas of one audit.
-PER_REPLICA_KEYS = frozenset({"pythonhashseed"})
+# Keys that legitimately differ between replicas of one audit (replicas on identical devices side by
+# side see different CUDA_VISIBLE_DEVICES; a different model still differs in device_name)
+PER_REPLICA_KEYS = frozenset({"pythonhashseed", "cuda_visible_devices"})
 
 
 def differences(a: dict, b: dict) -> dict:

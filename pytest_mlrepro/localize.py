@@ -101,6 +101,14 @@ def exact_step(td: TraceDivergence, ta: TraceRecord, tb: TraceRecord) -> bool:
     return any((e[0], e[1]) == before for e in ta.entries) and any((e[0], e[1]) == before for e in tb.entries)
 
 
+def last_common_step_before(td: TraceDivergence, ta: TraceRecord, tb: TraceRecord) -> Optional[int]:
+    """The last step before ``td`` both traces recorded (where they still agreed), None when only the
+    initial weights were: a divergence first seen at ``td.step`` began after it."""
+    steps_a = {e[1] for e in ta.entries if e[0] == "step" and e[1] < td.step}
+    common = [e[1] for e in tb.entries if e[0] == "step" and e[1] in steps_a]
+    return max(common) if common else None
+
+
 def _parameters_first(trace: TraceRecord, names: list) -> list:
     """Differing tensors, parameters before buffers: a buffer that differs with its parameters followed them."""
     return sorted(names, key=lambda n: trace.kind_of(n) == BUFFER)

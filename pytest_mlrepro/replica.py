@@ -37,6 +37,7 @@ class ReplicaSpec:
     stop_after: Optional[int] = None  # a dense re-trace: end the program after this step
     controls: frozenset = frozenset()  # a diagnosis rerun: sources made identical from outside (controls.py)
     perturb: frozenset = frozenset()  # an invariance replica: the axis changed in it (controls.PERTURBATIONS)
+    cuda_devices: tuple = ()  # its CUDA_VISIBLE_DEVICES entries (a device group of devices.plan); (): this process's
 
     @property
     def seed(self) -> int:
@@ -316,7 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     with open(spec_path, "rb") as f:
         spec: ReplicaSpec = pickle.load(f)
     if spec.config.nproc > 1:  # a DDP replica: this process starts its ranks, each runs run_replica
-        from .distributed_rank import launch_replica
+        if spec.config.ddp_launcher == "torchrun":
+            from .distributed_torchrun import launch_replica
+        else:
+            from .distributed_rank import launch_replica
 
         return launch_replica(spec, out_dir)
     try:

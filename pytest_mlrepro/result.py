@@ -106,6 +106,8 @@ class ReplicaSummary:
     losses: list = field(default_factory=list)  # loss per optimizer step when visible (None where not)
     environment: dict = field(default_factory=dict)
     trace_every: Optional[int] = None  # the trace's recording interval (trace_every="auto": the one it chose)
+    trace_dense_until: int = 0  # every step before this one was recorded (trace_every="auto": the dense start)
+    trace_budget: Optional[dict] = None  # trace_every="auto" after thinning: median step and record seconds, overhead
 
 
 @dataclass
@@ -140,6 +142,7 @@ class AuditResult:
     kind: str = "audit"  # audit (replicas compared) | checks (findings of checkpoint/early-stopping checks only)
     test: Optional[str] = None  # the pytest node id that produced it, when run under pytest
     parallel: int = 1  # replicas that ran at once
+    parallel_reason: str = ""  # why that many: the cores, or the devices (which, identical or not)
     nproc: int = 1  # ranks per replica (a DDP audit: > 1; ``first_divergence.rank`` names one)
     final_fingerprints: Optional[dict] = None  # tensor name -> strong fingerprint (hex) of replica 0's final state
     # replica 0's per-step fingerprints (param_names, opt_indices, entries, fp): what a baseline keeps;

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from . import process_tree
+from .devices import replica_environment
 from .errors import ReplicaError
 from .replica import ReplicaSpec, run_replica
 from .seeding import child_environment
@@ -69,12 +70,12 @@ class _Exec:
         return self.proc.wait(timeout=timeout)
 
 
-def _fork(spec_path: Path, out_dir: Path, env: dict, *, cwd: str):
-    """A replica forked from the warm server for this environment (``isolation="forkserver"``)."""
+def _fork(spec_path: Path, out_dir: Path, server_env: dict, env: dict, *, cwd: str):
+    """A replica (environment ``env``) forked from the warm server for ``server_env`` (``isolation="forkserver"``)."""
     from . import forkserver
 
     try:
-        return forkserver.server_for(env).fork(argv=[str(spec_path), str(out_dir)], env=env, cwd=cwd,
+        return forkserver.server_for(server_env).fork(argv=[str(spec_path), str(out_dir)], env=env, cwd=cwd,
                                                stdout=str(out_dir / "stdout.txt"), stderr=str(out_dir / "stderr.txt"))
     except forkserver.ForkServerError as exc:
         raise ReplicaError(f"isolation='forkserver': {exc}", kind="harness") from None
@@ -199,12 +200,15 @@ def _run_subprocess(spec: ReplicaSpec, out_dir: Path, timeout: Optional[float], 
     token = process_tree.new_token()
     env[process_tree.TOKEN_ENV] = token  # inherited by everything the replica starts: how we find its tree
     env[process_tree.PARENT_ENV] = str(os.getpid())  # the replica dies (with its tree) when we do
+    # its device group: the replica's alone; a fork server never starts CUDA, so one server (started
+    # without the group) serves every device, and each child's CUDA reads the group when it starts
+    replica_env = replica_environment(env, spec.cuda_devices)
     cmd = [sys.executable, "-m", "pytest_mlrepro.replica", str(spec_path), str(out_dir)]
     with open(out_dir / "stdout.txt", "wb") as out, open(out_dir / "stderr.txt", "wb") as err:
         if spec.config.isolation == "forkserver":
-            proc = _fork(spec_path, out_dir, env, cwd=spec.cwd or spec.workdir)
+            proc = _fork(spec_path, out_dir, env, replica_env, cwd=spec.cwd or spec.workdir)
         else:
-            proc = _Exec(subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
+            proc = _Exec(subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=replica_env,
                                           cwd=spec.cwd or spec.workdir, start_new_session=True))
         with process_tree.tracked(proc.pid, token) as release:
             try:

@@ -201,3 +201,58 @@ def test_hang_detail_names_the_rank_behind(tmp_path):
     assert "rank 1 had finished" in text and "rank 0 is behind" in text
     (tmp_path / PROGRESS_FILE).unlink()
     assert "had not started" in hang_detail(tmp_path, 2)
+
+
+# -- cross-rank findings from every replica ---------------------------------------------------------------
+
+def _write_replica(root: Path, index: int, loaders: list) -> "DistributedOutput":
+    """A DDP replica's folder as a launcher leaves it: per rank trace.pt, weights.pt, ddp.json."""
+    import json
+
+    import torch
+
+    from pytest_mlrepro.distributed import DistributedOutput
+
+    out = root / f"replica-{index}"
+    for k, shard in enumerate(loaders):
+        d = out / f"rank-{k}"
+        d.mkdir(parents=True)
+        torch.save(_trace([1.0 + k, 2.0 + k]).to_plain(), d / "trace.pt")
+        torch.save({"w": torch.ones(2)}, d / "weights.pt")
+        (d / "ddp.json").write_text(json.dumps(RankEvidence(rank=k, ddp_modules=1, loaders=[shard]).to_plain()))
+    return DistributedOutput.of(index, out, len(loaders))
+
+
+def test_review_takes_cross_rank_findings_from_every_replica(tmp_path):
+    """Replica 0's ranks read their own shards, replica 1's the same batches: the finding comes from
+    replica 1 alone, reported once, and says that the replicas disagree."""
+    from types import SimpleNamespace
+
+    from pytest_mlrepro.distributed import review
+
+    outputs = [_write_replica(tmp_path, 0, [_loader("i", "b"), _loader("j", "c")]),
+               _write_replica(tmp_path, 1, [_loader(), _loader()])]
+    result = AuditResult(target="t", seed=0, runs=2, device="cpu", isolation="process", seeding="program",
+                         comparison={"mode": "bitwise", "atol": 0.0, "rtol": 0.0, "max_ulp": 0}, deterministic=True)
+    review(SimpleNamespace(result=result, outputs=outputs))
+    assert result.deterministic
+    (shards,) = result.findings
+    assert shards.check == checks.DDP_SHARDS and shards.details["replicas"] == [1]
+    assert shards.details["per_replica"]["0"] is None and shards.details["per_replica"]["1"]["evidence"] == "dataloader"
+    assert "in replica 1 of 0, 1" in shards.message and "differs between replicas" in shards.message
+
+
+def test_merged_findings_count_once_and_name_their_replicas():
+    from pytest_mlrepro.distributed import merge_findings
+
+    same = data_shards([_trace([1.0]), _trace([2.0])], _ranks([_loader()], [_loader()]))
+    merged = merge_findings([(0, [same]), (1, [same]), (2, [same])])
+    assert len(merged) == 1 and merged[0].details["replicas"] == [0, 1, 2]
+    assert "per_replica" not in merged[0].details and merged[0].message == same.message  # unanimous: no noise
+    assert merged[0].verdict == "fail"
+    # the same check with other details in another replica: still one finding, each replica's details kept
+    other = data_shards([_trace([1.0]), _trace([2.0])], _ranks([_loader(batches=5)], [_loader(batches=5)]))
+    split = merge_findings([(0, [same]), (1, [other])])
+    assert len(split) == 1 and split[0].details["replicas"] == [0, 1]
+    assert split[0].details["per_replica"]["1"]["batches"] == 5 and "differs between replicas" in split[0].message
+    assert merge_findings([(0, []), (1, [])]) == []

@@ -15,7 +15,8 @@ def test_examples_pass_the_deterministic_and_fail_the_broken(pytester: pytest.Py
     shutil.copytree(ROOT / "fixtures", pytester.path / "fixtures")
     shutil.copytree(ROOT / "examples", pytester.path / "examples")
     result = pytester.runpytest_subprocess(
-        "--mlrepro", "--mlrepro-wandb=disabled", "-p", "no:cacheprovider", "examples/test_examples.py",
+        "--mlrepro", "--mlrepro-wandb=disabled", "--mlrepro-isolation=forkserver", "-p", "no:cacheprovider",
+        "examples/test_examples.py",
         "-k", "mlp_dropout or time_seed or nondeterministic_cpu_kernel or best_checkpoint")
     result.assert_outcomes(passed=2, failed=3)
     result.stdout.fnmatch_lines([

@@ -34,6 +34,7 @@ class BaselineComparison:
     matched: bool
     first_step: Optional[int] = None
     first_tensor: Optional[str] = None
+    first_step_after: Optional[int] = None  # thinned traces: the divergence began after this step (-1: the initial weights)
     tensors: list = field(default_factory=list)
     metrics: list = field(default_factory=list)  # list[MetricDiff]
     epochs: dict = field(default_factory=dict)  # best/stopped epoch changes: name -> (baseline, obtained)
@@ -94,7 +95,7 @@ def compare(baseline: AuditBaseline, obtained: AuditBaseline, tolerances: Option
 
 
 def _exact(baseline: AuditBaseline, obtained: AuditBaseline, epochs: dict) -> BaselineComparison:
-    from ..localize import first_divergence
+    from ..localize import exact_step, first_divergence, last_common_step_before
 
     reason = "same environment key and seed: exact comparison"
     a, b = _curves(baseline), _curves(obtained)
@@ -113,6 +114,13 @@ def _exact(baseline: AuditBaseline, obtained: AuditBaseline, epochs: dict) -> Ba
         result.first_step, result.tensors = td.step, td.tensors or final
         result.first_tensor = td.tensors[0] if td.tensors else None
         where = ("the initial weights" if td.kind == "init" else f"step {td.step} on") if td.kind != "structure" else None
+        ta, tb = _trace(baseline), _trace(obtained)
+        if td.kind == "step" and not exact_step(td, ta, tb):  # thinned traces: the step before was not recorded in both
+            before = last_common_step_before(td, ta, tb)
+            result.first_step_after = before if before is not None else -1
+            where = (f"step {td.step} on (the first step both traces recorded after "
+                     + (f"step {before}, where they matched" if before is not None else "the initial weights")
+                     + "; the divergence began in between)")
         head = (f"differs from the baseline from {where}: `{result.first_tensor}` first" if where and result.first_tensor
                 else f"differs from the baseline in its structure: {td.note}" if td.kind == "structure"
                 else f"differs from the baseline from {where}")

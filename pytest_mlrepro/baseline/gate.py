@@ -43,6 +43,7 @@ def _finding(verdict: str, message: str, path: Path, c: Optional[BaselineCompari
     details = {"baseline_path": str(path), **extra}
     if c is not None:
         details.update({"comparison": c.comparison, "reason": c.reason, "first_step": c.first_step,
+                        "first_step_after": c.first_step_after,
                         "first_tensor": c.first_tensor, "tensors": c.tensors[:20],
                         "metrics": [vars(m) for m in c.metrics[:50]], "epochs": {k: list(v) for k, v in c.epochs.items()}})
     return Finding(BASELINE, verdict, message, details)

@@ -246,6 +246,8 @@ def _validate_audit(p: list, w: str, a: Any) -> None:
                  ("step_divergence", list), ("findings", list)):
         _require(p, w, a, k, t)
     _require(p, w, a, "wall_time_s", _NUM, optional=True)
+    if "parallel_reason" in a:  # added within version 1 (parallel replicas on GPUs): older reports lack it
+        _check(p, f"{w}.parallel_reason", a["parallel_reason"], str)
     if "nproc" in a:  # added within version 1 (DDP audits): older reports lack it
         _check(p, f"{w}.nproc", a["nproc"], int)
     if "final_fingerprints" in a:  # added within version 1: older reports lack it

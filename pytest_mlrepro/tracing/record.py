@@ -107,6 +107,7 @@ class TraceRecord(_ReadByKey):
     rng_at_first_step: Optional[dict] = None
     replay: Optional[ReplayRecord] = None
     dense_until: int = 0  # steps before this one were all recorded (the self-budgeting trace's measuring steps)
+    budget: Optional[dict] = None  # what trace_every="auto" decided (budget.BudgetChoice.to_plain), None if it did not thin
 
     def kind_of(self, name: str) -> str:
         """PARAM or BUFFER for a traced tensor's name."""
@@ -123,7 +124,7 @@ class TraceRecord(_ReadByKey):
                 "fp": self.fp, "samples": self.samples, "opt_sample_lens": [list(n) for n in self.opt_sample_lens],
                 "losses": list(self.losses), "steps": self.steps, "every": self.every, "dense_until": self.dense_until,
                 "tensor_kinds": list(self.tensor_kinds), "group_kinds": list(self.group_kinds),
-                "rng_at_first_step": self.rng_at_first_step,
+                "rng_at_first_step": self.rng_at_first_step, "budget": self.budget,
                 "replay": None if self.replay is None else self.replay.to_plain()}
 
     @classmethod
@@ -134,7 +135,7 @@ class TraceRecord(_ReadByKey):
                    losses=list(d.get("losses", [])), param_owner=dict(d.get("param_owner") or {}),
                    tensor_kinds=list(d.get("tensor_kinds", [])), group_kinds=list(d.get("group_kinds", [])),
                    rng_at_first_step=d.get("rng_at_first_step"), replay=ReplayRecord.from_plain(d.get("replay")),
-                   dense_until=int(d.get("dense_until", 0)))
+                   dense_until=int(d.get("dense_until", 0)), budget=d.get("budget"))
 
     def trajectory(self) -> dict:
         """The part a baseline keeps, as plain JSON data (``from_trajectory`` reads it back)."""

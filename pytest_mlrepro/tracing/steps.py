@@ -60,7 +60,7 @@ class StepRecorder:
         self.entries: list[tuple[str, int, int]] = []
         self._fps: list[torch.Tensor] = []
         self._samples: list[torch.Tensor] = []
-        self.losses: list[Optional[torch.Tensor]] = []
+        self.losses: list = []  # per step: a float, a 0-dim tensor on an accelerator, or None
         self._last_group: Optional[int] = None
 
     def add_group(self, tensors: list, names: list, kinds: list, group_kind: str) -> int:
@@ -96,7 +96,7 @@ class StepRecorder:
                 self._samples.append(torch.cat([x.to(torch.float64) for x in picked]))
         self.entries.append((kind, self.steps if step is None else step, g))
 
-    def step_done(self, g: int, loss: Optional[torch.Tensor], *, force: bool = False) -> None:
+    def step_done(self, g: int, loss, *, force: bool = False) -> None:
         """Group ``g`` finished step ``self.steps``: record it when the schedule (or ``force``) says so."""
         self.losses.append(loss)
         self._last_group = g
@@ -116,8 +116,23 @@ class StepRecorder:
         fps = _host_cat(self._fps, torch.int64)
         samples = _host_cat(self._samples, torch.float64)
         return {"fp": fps, "samples": samples,
-                "losses": [None if l is None else float(l.float().cpu()) for l in self.losses],
+                "losses": _host_losses(self.losses),
                 "opt_sample_lens": [[int(idx.numel()) for idx in per] for per in self._group_samples]}
+
+
+def _host_losses(losses: list) -> list:
+    """Per-step losses as floats (or None): tensors kept on an accelerator come over in one copy."""
+    on_device = [i for i, l in enumerate(losses) if isinstance(l, torch.Tensor)]
+    out = list(losses)
+    if not on_device:
+        return out
+    if len({losses[i].device for i in on_device}) == 1:
+        values = torch.stack([losses[i].float() for i in on_device]).cpu().tolist()
+    else:  # losses on several devices (model parallelism): one copy each
+        values = [float(losses[i].float().cpu()) for i in on_device]
+    for i, v in zip(on_device, values):
+        out[i] = v
+    return out
 
 
 def _host_cat(parts: list, dtype: torch.dtype) -> torch.Tensor:

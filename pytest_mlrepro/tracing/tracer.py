@@ -26,6 +26,16 @@ from .steps import StepRecorder
 NAMING_STEPS = 8  # keep watching module calls for at most this many steps while some tensor has no name
 
 
+def _loss_value(tensor: torch.Tensor):
+    """The loss a backward starts from, as it is now (a copy: a program may add to its loss tensor in place
+    afterwards). On the CPU a Python float (the cheapest copy: a cloned tensor costs a few microseconds,
+    which is most of the trace's cost per unrecorded step of a small model); on an accelerator a
+    detached clone, which does not wait for the device."""
+    if tensor.is_cpu:
+        return tensor.detach().item()
+    return tensor.detach().reshape(()).clone()
+
+
 class Tracer:
     def __init__(self, *, replay_step: Optional[int] = None, every=1, stop_after: Optional[int] = None):
         if every != "auto" and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
@@ -47,7 +57,7 @@ class Tracer:
         self._handles: list = []
         self._forward_handle = None
         self._orig_backward = None
-        self._pending_loss: Optional[torch.Tensor] = None
+        self._pending_loss = None  # the loss of the coming step: a float, or a 0-dim tensor on an accelerator
         self._depth = 0  # > 0 while a Keras or fastai optimizer steps: torch optimizers it calls are part of that step
         self._ended = False  # a ReplayDone ended the program
 
@@ -82,7 +92,7 @@ class Tracer:
 
         def backward(tensor, *args, **kwargs):
             if tensor.numel() == 1:
-                tracer._pending_loss = tensor.detach().reshape(()).clone()
+                tracer._pending_loss = _loss_value(tensor)
             if tracer.frameworks.pending:
                 tracer.frameworks.check()
             return original(tensor, *args, **kwargs)
@@ -192,9 +202,9 @@ class Tracer:
         began = budget.begin() if budget is not None else 0.0
         recorder.step_done(g, loss, force=self.replay is not None)
         if budget is not None:
-            budget.end(began, recorder.steps)
-            if budget.measured:
-                recorder.dense_until, recorder.every = recorder.steps, budget.interval()
+            choice = budget.end(began, recorder.steps)
+            if choice is not None:
+                recorder.dense_until, recorder.every = choice.dense_until, choice.every
         try:
             if self.stop_after is not None and recorder.steps > self.stop_after:
                 raise ReplayDone()
@@ -251,6 +261,7 @@ class Tracer:
                            param_owner=owners,
                            tensor_kinds=list(rec.kinds), group_kinds=list(rec.group_kinds),
                            rng_at_first_step=self.rng_at_first_step,
+                           budget=None if self.budget is None or self.budget.choice is None else self.budget.choice.to_plain(),
                            replay=None if self.replay is None else self.replay.to_record(self.namer.module_names))
 
     def to_record(self) -> dict:
