@@ -341,3 +341,49 @@ def test_word_sum_is_the_same_with_one_or_two_threads():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
+
+
+_PACK_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.complex64, torch.int64, torch.bool]
+
+
+@settings(max_examples=60, deadline=None)
+@given(dtype=st.sampled_from(_PACK_DTYPES), sizes=st.lists(st.integers(0, 37), min_size=1, max_size=7),
+       seed=st.integers(0, 2**31 - 1))
+def test_packed_word_sums_equal_the_per_tensor_ones(dtype, sizes, seed):
+    """The packed path (small CPU groups: one pass for the whole group) must give word_sum_many's exact
+    values (baselines store them), whatever the dtype, odd byte counts and empty tensors included."""
+    from pytest_mlrepro.fingerprint import packed_layout, word_sums_packed
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = [(torch.randn(n, generator=g, dtype=torch.float64) * 1e3).to(dtype) if dtype != torch.complex64
+               else torch.randn(n, generator=g, dtype=torch.complex64) for n in sizes]
+    flat = [torch.view_as_real(t).reshape(-1) if t.is_complex() else t.reshape(-1) for t in tensors]
+    layout = packed_layout([f.numel() * f.element_size() for f in flat])
+    assert torch.equal(word_sums_packed(torch.cat(flat).view(torch.uint8), layout), word_sum_many(tensors))
+
+
+def test_a_small_group_is_recorded_packed_with_the_per_tensor_path_s_values(monkeypatch):
+    """Fingerprints and samples of a small group are the same packed or not; a tensor that changed size
+    since (p.data = ...) falls back to the per-tensor path instead of failing the training."""
+    from pytest_mlrepro.tracing import steps
+
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(24, 10, generator=g), torch.randn(24, generator=g), torch.randn(2, 24, generator=g),
+              torch.randn(3, generator=g)]
+
+    def recorded(max_bytes):
+        monkeypatch.setattr(steps, "PACK_MAX_BYTES", max_bytes)
+        rec = steps.StepRecorder()
+        grp = rec.add_group(params, ["a", "b", "c", "d"], ["param"] * 4, "torch.optim")
+        rec.record("step", grp)
+        return rec, rec.parts()
+
+    packed, a = recorded(steps.PACK_MAX_BYTES)
+    unpacked, b = recorded(0)
+    assert packed._group_packed[0] is not None and unpacked._group_packed[0] is None
+    assert torch.equal(a["fp"], b["fp"]) and torch.equal(a["samples"], b["samples"])
+    original = params[3]
+    params[3].data = torch.randn(5, generator=g)  # the group's layout no longer fits
+    packed.record("step", 0)
+    assert packed.parts()["fp"][-1] == word_sum_many([params[3]])[0]
+    params[3].data = original
