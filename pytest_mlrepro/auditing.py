@@ -22,14 +22,20 @@ from .targets import TargetSpec, resolve
 
 
 def resolve_device(device: str) -> str:
-    """The concrete device of an audit: "auto" becomes cuda when torch sees one, else cpu."""
-    import torch
-
+    """The concrete device of an audit: "auto" becomes cuda when torch sees one, else cpu. Asked of the
+    device probe (devices.inventory, a subprocess): ``torch.cuda.is_available()`` here would start the
+    CUDA driver in the auditing process, which no later fork of it could then use."""
+    if device not in ("auto", "cuda"):
+        return device
+    listed = devices.inventory()
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
+        return "cuda" if listed.devices else "cpu"
+    if not listed.devices:
+        import torch
+
         raise MlreproError("device='cuda' was asked for, but torch sees no CUDA device (torch "
-                           f"{torch.__version__}, built with CUDA {torch.version.cuda})")
+                           f"{torch.__version__}, built with CUDA {torch.version.cuda}"
+                           + (f"; {listed.error}" if listed.error else "") + ")")
     return device
 
 

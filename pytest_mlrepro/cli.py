@@ -104,9 +104,9 @@ def _catalog_entries(path: Path, device: str) -> list[dict]:
         raise SystemExit(f"mlrepro: cannot read catalog {path}: {exc}")
     if device != "cuda":
         try:
-            import torch
+            from .devices import inventory  # a probe subprocess: CUDA must not start in this process
 
-            has_cuda = torch.cuda.is_available()
+            has_cuda = bool(inventory().devices)
         except ImportError:
             has_cuda = False
         skipped = [e["name"] for e in entries if e.get("requires") == "cuda" and not has_cuda]

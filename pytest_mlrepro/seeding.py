@@ -32,8 +32,8 @@ def scramble_globals(entropy: int) -> None:
     np.random.seed(rng.getrandbits(32))
     torch.default_generator.manual_seed(rng.getrandbits(63))
     if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            torch.cuda.default_generators[i].manual_seed(rng.getrandbits(63))
+        # queued until CUDA starts (torch.cuda.default_generators is empty before that: indexing it failed)
+        torch.cuda.manual_seed_all(rng.getrandbits(63))
 
 
 def replica_entropy(seed: int, replica: int) -> int:

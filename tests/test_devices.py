@@ -269,3 +269,41 @@ def test_replicas_run_on_distinct_gpus(tmp_path):
         return
     assert len(set(seen)) == 2 and set(seen) <= {g[0] for g in expected.groups}, seen
     assert uuids[0] != uuids[1], uuids  # two physical devices, not two names for one
+
+
+def test_the_audit_s_device_is_resolved_from_the_probe_not_by_starting_cuda_here(monkeypatch):
+    """device="auto"/"cuda" are answered by the probe subprocess: torch.cuda.is_available() in the
+    auditing process would start the CUDA driver there (cudaGetDeviceCount), breaking CUDA in its forks."""
+    import torch
+
+    from pytest_mlrepro import auditing
+    from pytest_mlrepro.errors import MlreproError
+
+    def cuda_started_here():
+        raise AssertionError("torch.cuda.is_available() called in the auditing process")
+
+    monkeypatch.setattr(torch.cuda, "is_available", cuda_started_here)
+    monkeypatch.setattr(devices, "inventory", lambda: _inv(_h200("0")))
+    assert (auditing.resolve_device("auto"), auditing.resolve_device("cuda")) == ("cuda", "cuda")
+    assert auditing.resolve_device("cpu") == "cpu"
+    monkeypatch.setattr(devices, "inventory", lambda: Inventory(error="the device probe failed (status 1: boom)"))
+    assert auditing.resolve_device("auto") == "cpu"
+    with pytest.raises(MlreproError, match="boom"):
+        auditing.resolve_device("cuda")
+
+
+def test_scrambling_a_replica_s_generators_before_cuda_starts_does_not_index_its_generators(monkeypatch):
+    """In a fresh replica CUDA has not started: torch.cuda.default_generators is still empty, so seeding
+    must be queued (torch.cuda.manual_seed_all), not done by indexing it (an IndexError on every GPU)."""
+    import torch
+
+    from pytest_mlrepro.seeding import scramble_globals
+
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "default_generators", ())
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
+    scramble_globals(1)
+    scramble_globals(2)
+    assert len(seeded) == 2 and seeded[0] != seeded[1]  # replica-specific, queued for when CUDA starts

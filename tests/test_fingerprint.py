@@ -387,3 +387,39 @@ def test_a_small_group_is_recorded_packed_with_the_per_tensor_path_s_values(monk
     packed.record("step", 0)
     assert packed.parts()["fp"][-1] == word_sum_many([params[3]])[0]
     params[3].data = original
+
+
+def test_a_packed_group_whose_dtype_changed_is_recorded_per_tensor():
+    """``model.half()`` after the first step keeps the same Parameter objects (``p.data = ...``) and
+    element counts: the packed layout's byte weights no longer fit, so the record falls back to the
+    per-tensor path (word_sum_many's values) instead of failing the training."""
+    from pytest_mlrepro.tracing import steps
+
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(6, 4, generator=g)), torch.nn.Parameter(torch.randn(5, generator=g))]
+    rec = steps.StepRecorder()
+    grp = rec.add_group(params, ["a", "b"], ["param"] * 2, "torch.optim")
+    assert rec._group_packed[grp] is not None
+    rec.record("step", grp)
+    for p in params:
+        p.data = p.data.half()
+    rec.record("step", grp)
+    assert torch.equal(rec.parts()["fp"][-2:], word_sum_many(params))
+
+
+@pytest.mark.parametrize("change", ["one_tensor_half", "sizes_swapped"])
+def test_a_packed_group_changed_without_changing_its_total_falls_back(change):
+    """One tensor of the group made half (torch.cat would promote it back to float32) or two tensors'
+    sizes exchanged (same total): the layout no longer fits each tensor, so the per-tensor path records."""
+    from pytest_mlrepro.tracing import steps
+
+    g = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(6, generator=g)), torch.nn.Parameter(torch.randn(10, generator=g))]
+    rec = steps.StepRecorder()
+    grp = rec.add_group(params, ["a", "b"], ["param"] * 2, "torch.optim")
+    if change == "one_tensor_half":
+        params[1].data = params[1].data.half()
+    else:
+        params[0].data, params[1].data = torch.randn(10, generator=g), torch.randn(6, generator=g)
+    rec.record("step", grp)
+    assert torch.equal(rec.parts()["fp"], word_sum_many(params))

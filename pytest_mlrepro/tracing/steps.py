@@ -59,6 +59,7 @@ class StepRecorder:
         self._group_samples: list[list[torch.Tensor]] = []
         self._group_uniform: list[bool] = []  # all tensors of one dtype: one cast per step
         self._group_packed: list = []  # per group: a _Packed when it is recorded packed, else None
+        self._group_numels: list[list[int]] = []  # per group: each tensor's flat size when the group was made
         self.entries: list[tuple[str, int, int]] = []
         self._fps: list[torch.Tensor] = []
         self._samples: list[torch.Tensor] = []
@@ -79,6 +80,7 @@ class StepRecorder:
         self.groups.append(indices)
         self.group_kinds.append(group_kind)
         self._group_samples.append([sample_indices(self.tensors[i]) for i in indices])
+        self._group_numels.append([_flat_numel(self.tensors[i]) for i in indices])
         self._group_uniform.append(len({self.tensors[i].dtype for i in indices}) <= 1)
         self._group_packed.append(_Packed.of([self.tensors[i] for i in indices], self._group_samples[g])
                                   if self._group_uniform[g] else None)
@@ -95,7 +97,7 @@ class StepRecorder:
                 self.entries.append((kind, self.steps if step is None else step, g))
                 return
             self._fps.append(word_sum_many(tensors))
-            picked = [_flat(t).index_select(0, idx) for t, idx in zip(tensors, self._group_samples[g])]
+            picked = [_picked(t, idx, n) for t, idx, n in zip(tensors, self._group_samples[g], self._group_numels[g])]
             if not picked:
                 self._samples.append(torch.zeros(0, dtype=torch.float64))
             elif self._group_uniform[g]:
@@ -133,8 +135,9 @@ class _Packed:
     (``word_sums_packed``, equal to ``word_sum_many``'s) and samples (one ``index_select``) in a fixed
     number of operations, where the per-tensor path costs about ten per tensor."""
 
-    def __init__(self, layout: PackedLayout, samples: torch.Tensor, numel: int):
-        self.layout, self.samples, self.numel = layout, samples, numel
+    def __init__(self, layout: PackedLayout, samples: torch.Tensor, signature: list):
+        self.layout, self.samples = layout, samples
+        self.signature = signature  # per tensor (dtype, numel, on the CPU) when the layout was made
 
     @classmethod
     def of(cls, tensors: list, sample_idx: list) -> Optional["_Packed"]:
@@ -146,17 +149,34 @@ class _Packed:
             return None
         offsets = torch.cumsum(torch.tensor([0] + lengths[:-1], dtype=torch.long), 0)
         samples = torch.cat([idx + off for idx, off in zip(sample_idx, offsets.tolist())])
-        return cls(packed_layout(nbytes), samples, sum(lengths))
+        return cls(packed_layout(nbytes), samples, _signature(tensors))
 
     def record(self, tensors: list, fps: list, samples: list) -> bool:
         """Append this record's fingerprints and samples; False (nothing appended) when a tensor changed
-        size since the group was made (``p.data = ...``): the per-tensor path records it then."""
-        flat = torch.cat([_flat(t) for t in tensors])
-        if flat.numel() != self.numel:
+        size, dtype or device since the group was made (``p.data = ...``, ``model.half()`` or ``.to(device)``
+        after the first step): the per-tensor path records it then."""
+        if _signature(tensors) != self.signature:  # about 0.3 us a tensor: the layout must fit each one
             return False
+        flat = torch.cat([_flat(t) for t in tensors])
         fps.append(word_sums_packed(flat.view(torch.uint8), self.layout))
         samples.append(flat.index_select(0, self.samples).to(torch.float64))
         return True
+
+
+def _picked(t: torch.Tensor, idx: torch.Tensor, numel: int) -> torch.Tensor:
+    """The samples of ``t`` at ``idx`` (spread over its flat size ``numel`` when the group was made), as
+    many as the group expects even when ``t`` was resized since (``p.data = ...``): spread anew over
+    its new size, zeros when it is now empty, instead of an index error inside the training."""
+    flat = _flat(t)
+    if flat.numel() == numel or idx.numel() == 0:
+        return flat.index_select(0, idx)
+    if flat.numel() == 0:
+        return torch.zeros(idx.numel(), dtype=flat.dtype, device=flat.device)
+    return flat.index_select(0, sample_indices(t))
+
+
+def _signature(tensors: list) -> list:
+    return [(t.dtype, t.numel(), t.is_cpu) for t in tensors]
 
 
 def _flat_dtype(t: torch.Tensor) -> torch.dtype:
