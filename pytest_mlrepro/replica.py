@@ -6,6 +6,7 @@ called in-process through :func:`run_replica`. Writes ``weights.pt`` (tensors on
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -71,12 +72,19 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _is_library_file(path: Optional[str]) -> bool:
-    import sysconfig
-
     if not path:
         return True
-    roots = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
-    return any(os.path.abspath(path).startswith(os.path.abspath(r) + os.sep) for r in roots)
+    return os.path.abspath(path).startswith(_library_roots())
+
+
+@functools.lru_cache(maxsize=1)
+def _library_roots() -> tuple:
+    """The interpreter's library folders (``sysconfig.get_paths`` costs about a millisecond a call, and an
+    in-process replica that imported torch._dynamo asks once per new module: hundreds of times)."""
+    import sysconfig
+
+    return tuple({os.path.abspath(sysconfig.get_paths()[k]) + os.sep
+                  for k in ("stdlib", "platstdlib", "purelib", "platlib")})
 
 
 class _Restore:

@@ -24,3 +24,12 @@ def pytest_collection_modifyitems(config, items):
                 skip = pytest.mark.skip(reason="needs a CUDA device (none visible to torch)") if not cuda_available() else False
             if skip:
                 item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _lean_pytester_sessions(request, monkeypatch):
+    """A pytester session loads every installed pytest plugin; hypothesis's imports hypothesis (~1.5 s of
+    each session here) and anyio's anyio, neither used by the sessions these tests start."""
+    if "pytester" in request.fixturenames:
+        extra = "-p no:hypothesispytest -p no:anyio"
+        monkeypatch.setenv("PYTEST_ADDOPTS", f"{os.environ.get('PYTEST_ADDOPTS', '')} {extra}".strip())
