@@ -264,7 +264,7 @@ class _Audit:
             return localize.describe_init(td, traces[0])
         note = ""
         if not localize.exact_step(td, traces[0], traces[other]):  # a thinned trace: the step before was not recorded
-            td, note = self._dense_retrace(td, other, max(traces[0].every, traces[other].every))
+            td, note = self._dense_retrace(td, other, localize.last_common_step_before(td, traces[0], traces[other]))
             if td.kind == "init":
                 return localize.describe_init(td, traces[0])
         ra = rb = None
@@ -281,17 +281,20 @@ class _Audit:
         div.message += note
         return div
 
-    def _dense_retrace(self, td, other, every: int):
-        """The coarse trace says "somewhere after the last equal recorded step": re-run both replicas,
-        tracing every step and stopping at the coarse step, to find the exact one."""
+    def _dense_retrace(self, td, other, matched_at: Optional[int]):
+        """The coarse trace says "somewhere after the last equal recorded step" (``matched_at``, None: only
+        the initial weights): re-run both replicas, tracing every step and stopping at the coarse step, to
+        find the exact one."""
+        since = f"step {matched_at}" if matched_at is not None else "the initial weights"
+        where = f" (the traces were thinned: the divergence began after {since}, where both recorded equal weights; "
         try:
             a, b = (o.trace() for o in self._run_all(
                 [(0, "dense", {"dense_until": td.step}), (other, "dense", {"dense_until": td.step})]))
         except ReplicaError as exc:
-            return td, f" (traced every {every} steps; the dense re-trace failed: {exc})"
+            return td, where + f"the dense re-trace failed: {exc})"
         exact = localize.first_divergence(a, b)
         if exact is None or exact.kind == "structure":
-            return td, f" (traced every {every} steps; the dense re-trace did not reproduce it)"
+            return td, where + "the dense re-trace did not reproduce it)"
         return exact, ""
 
     def _diagnose(self, metas, traces, other, divergence):

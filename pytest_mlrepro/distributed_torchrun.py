@@ -62,6 +62,7 @@ def torchrun_arguments(nproc: int, run_id: str, spec_path: Path, out_dir: Path) 
     """torchrun's command line for one replica's ranks (what follows ``python -m torch.distributed.run``)."""
     return ["--nnodes", "1", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d", "--rdzv-endpoint", RENDEZVOUS,
             "--rdzv-conf", "is_host=1", "--rdzv-id", run_id, "--max-restarts", "0",
+            "--local-addr", "127.0.0.1",  # one node: MASTER_ADDR need not be the host's name (which may not resolve)
             "--shutdown-timeout", str(math.ceil(GRACE_S)), "--log-dir", str(out_dir / LOG_DIR),
             "-m", WORKER_MODULE, str(spec_path), str(out_dir)]
 

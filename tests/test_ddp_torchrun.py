@@ -53,6 +53,7 @@ def test_torchrun_accepts_the_command_line(tmp_path):
     args = torchrun.parse_args(torchrun_arguments(3, "abc", tmp_path / "spec.pkl", tmp_path))
     assert (args.nnodes, args.nproc_per_node, args.rdzv_backend, args.rdzv_endpoint) == ("1", "3", "c10d", RENDEZVOUS)
     assert (args.max_restarts, args.module, args.training_script) == (0, True, WORKER_MODULE)
+    assert args.local_addr == "127.0.0.1"
     assert args.training_script_args == [str(tmp_path / "spec.pkl"), str(tmp_path)]
 
 
