@@ -49,6 +49,8 @@ BY_NAME = {c.name: c for c in CONTROLS}
 def rerun_label(names: frozenset) -> str:
     """The folder label of a diagnosis rerun (``control-<name>`` or ``control-all``): progress lines
     and the output folder show it."""
+    if not names:
+        return "control-none"  # the same rerun without controls (causes: is the divergence intermittent?)
     return "control-" + (next(iter(names)) if len(names) == 1 else "all")
 
 

@@ -261,3 +261,43 @@ def test_a_screen_that_failed_proves_nothing_and_the_single_controls_still_run()
     done = schedule(["clock", "python_rng", "entropy"], run_batch, 1, hinted=frozenset())
     assert ran == [frozenset({"clock", "python_rng", "entropy"}), {"clock"}, {"python_rng"}]
     assert done[-1].agreed and done[-1].controls == {"python_rng"}
+
+
+@pytest.mark.parametrize("recurs", [True, False])
+def test_a_race_confirmed_by_one_rerun_is_checked_against_a_rerun_without_controls(recurs):
+    """One thread (both replicas already had the same count) or strict kernels made a pair agree: a race can
+    do that by chance, so the pair is rerun without any control. If it agrees too, nothing is confirmed."""
+    e = ev(rep(), rep(), phase="forward", inputs=True, rng_matched=True)
+    ran = []
+
+    def run_batch(sets):
+        ran.extend(sets)
+        return [Experiment(s, bool(s & {"threads"}) or (not s and not recurs), "x") for s in sets]
+
+    cause = diagnose(e, ALL, run_batch)
+    assert ran[-1] == frozenset()  # the uncontrolled rerun, last
+    if recurs:  # it still differed without controls: the thread control is what made the pair agree
+        assert (cause.kind, cause.confirmed, cause.control) == ("nondeterministic_kernel", True, "threads")
+    else:
+        assert not cause.confirmed and cause.control is None and cause.evidence["intermittent"]
+        assert "also in a rerun without any control" in cause.detail
+
+
+def test_a_seed_confirmed_by_rerun_needs_no_uncontrolled_rerun():
+    """An unseeded generator differs in every run of the pair: its confirming rerun is proof enough."""
+    ran = []
+
+    def run_batch(sets):
+        ran.extend(sets)
+        return [Experiment(s, bool(s & {"python_rng"}), "x") for s in sets]
+
+    e = ev(rep(calls=[call("random.Random", "unseeded", site="s.py:1")]), rep())
+    assert diagnose(e, ALL, run_batch).confirmed and frozenset() not in ran
+    e_threads = ev(env={"num_threads": (1, 2)})  # counts that differ: a deterministic difference, no race
+    ran.clear()
+
+    def threads_batch(sets):
+        ran.extend(sets)
+        return [Experiment(s, bool(s & {"threads"}), "x") for s in sets]
+
+    assert diagnose(e_threads, ALL, threads_batch).confirmed and frozenset() not in ran

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..result import Cause
-from .conclude import Experiment, conclude, plan
+from .conclude import Experiment, conclude, confirmed_control, needs_uncontrolled_rerun, plan
 from .evidence import DivergenceFacts, Evidence, LoaderRecord, ReplicaEvidence, SeedCall
 from .reruns import schedule
 from .rules import RULES, Hint, hints
@@ -22,4 +22,7 @@ def diagnose(evidence: Evidence, applicable: list, run_batch: Callable[[list], l
     found = hints(evidence)
     order = plan(found, applicable)
     hinted = frozenset(c for h in found for c in h.controls)
-    return conclude(evidence, found, order, schedule(order, run_batch, width, hinted))
+    experiments = schedule(order, run_batch, width, hinted)
+    if needs_uncontrolled_rerun(evidence, confirmed_control(order, experiments)):
+        experiments += run_batch([frozenset()])  # does the divergence recur without any control?
+    return conclude(evidence, found, order, experiments)

@@ -74,6 +74,24 @@ def plan(hints: list, applicable: list) -> list:
     return seen
 
 
+def needs_uncontrolled_rerun(e: Evidence, control: Optional[str]) -> bool:
+    """A rerun that agreed with strict deterministic kernels, or with one thread when both replicas
+    already had the same count, proves something only if the replicas still differ without it: a race
+    (atomics, a multi-threaded reduction) can come out the same in one pair by chance. The sources the
+    other controls fix (seeds, clock, hash seed, listing order) differ in every run of the pair."""
+    return control == "deterministic_kernels" or (
+        control == "threads" and not any(k in e.env_diff for k in THREAD_KEYS))
+
+
+def _intermittent(experiments: list) -> bool:
+    """The rerun without any control agreed too: the divergence did not recur in it."""
+    return any(not x.controls and x.agreed for x in experiments)
+
+
+def confirmed_control(plan_order: list, experiments: list) -> Optional[str]:
+    return _confirmed(plan_order, experiments)
+
+
 def _confirmed(plan_order: list, experiments: list) -> Optional[str]:
     agreed = {next(iter(x.controls)) for x in experiments if x.agreed and len(x.controls) == 1}
     return next((c for c in plan_order if c in agreed), None)
@@ -105,6 +123,15 @@ def _advice(control: str, hint: Optional[Hint]) -> str:
 def conclude(e: Evidence, hints: list, plan_order: list, experiments: list) -> Cause:
     reruns = [x.to_dict() for x in experiments]
     control = _confirmed(plan_order, experiments)
+    if control is not None and _intermittent(experiments):
+        top = hints[0] if hints else None
+        note = (f"not confirmed: the replicas agreed with {BY_NAME[control].label}, but also in a rerun without "
+                "any control: the divergence is intermittent (a race that may come out either way), so that "
+                "rerun proves nothing")
+        return Cause(top.kind if top else "nondeterministic_kernel", f"{top.detail} ({note})" if top else note,
+                     {"rule": top.rule if top else None, "site": top.site if top else None,
+                      "api": top.api if top else None, "intermittent": True},
+                     confirmed=False, reruns=reruns)
     if control is not None:
         hint = _context(hints, control)
         kind = CONTROL_KIND[control]
