@@ -89,10 +89,7 @@ def _intermittent(experiments: list) -> bool:
 
 
 def confirmed_control(plan_order: list, experiments: list) -> Optional[str]:
-    return _confirmed(plan_order, experiments)
-
-
-def _confirmed(plan_order: list, experiments: list) -> Optional[str]:
+    """The first control, in plan order, whose rerun alone made the replicas agree."""
     agreed = {next(iter(x.controls)) for x in experiments if x.agreed and len(x.controls) == 1}
     return next((c for c in plan_order if c in agreed), None)
 
@@ -122,7 +119,7 @@ def _advice(control: str, hint: Optional[Hint]) -> str:
 
 def conclude(e: Evidence, hints: list, plan_order: list, experiments: list) -> Cause:
     reruns = [x.to_dict() for x in experiments]
-    control = _confirmed(plan_order, experiments)
+    control = confirmed_control(plan_order, experiments)
     if control is not None and _intermittent(experiments):
         top = hints[0] if hints else None
         note = (f"not confirmed: the replicas agreed with {BY_NAME[control].label}, but also in a rerun without "
